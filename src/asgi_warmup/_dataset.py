@@ -1,0 +1,414 @@
+"""PostgresDataset: read-through access to one table (or query), warmed at startup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from . import _sql
+from ._errors import ALREADY_BOUND, LIFESPAN_NEVER_RAN, ConfigError, LookupFailedError, NotStartedError
+from ._loader import Loader
+
+if TYPE_CHECKING:
+    from ._warmup import Runtime
+
+logger = logging.getLogger("asgi_warmup")
+
+Row = dict[str, Any]
+State = Literal["idle", "pending", "warming", "retrying", "warm", "failed", "disabled"]
+
+# Invalidation marks are kept only while a read that started before them may still store its
+# result; past this many, every read in flight is treated as stale instead.
+_MAX_INVALIDATION_MARKS = 100_000
+_MIN_CAPACITY = 100_000
+
+
+class DatasetStatus(TypedDict):
+    state: State
+    rows: int
+    target: int
+    elapsed: float
+    last_error: str | None
+
+
+class PostgresDataset:
+    """Rows of one table (or of your own queries), keyed by one column, cached and warmed.
+
+    ``get`` answers from the in-process cache in microseconds; a miss goes to the cache you
+    passed to the middleware (if any), then to PostgreSQL at once, joined with every other
+    miss in flight: one query per key at light load, a few batched queries under a herd.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        table: str | None = None,
+        key: str,
+        columns: Sequence[str] | None = None,
+        order_by: str | None = None,
+        limit: int | None = None,
+        ttl: float = 300,
+        warm_query: str | None = None,
+        lookup_query: str | None = None,
+        negative_ttl: float = 30,
+        ttl_jitter: float = 0.1,
+        early_refresh: float = 1.0,
+        max_batch: int = 1000,
+        batch_window: float = 0.0,
+        warm_batch_size: int = 1000,
+        max_entries: int | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ConfigError(f"dataset name {name!r} is not valid: use a non-empty string without ':'")
+        self.name = name
+        key_sql = _sql.quote_ident(name, "key", key)
+        self.key = key
+        if table is None and lookup_query is None:
+            raise ConfigError(f"dataset {name!r}: pass table= (or lookup_query= for joins and views)")
+        if warm_query is not None and order_by is not None:
+            raise ConfigError(
+                f"dataset {name!r}: order_by= applies to the generated warm query; put ORDER BY in warm_query="
+            )
+        _positive(name, "ttl", ttl)
+        _non_negative(name, "negative_ttl", negative_ttl)
+        _non_negative(name, "early_refresh", early_refresh)
+        _non_negative(name, "batch_window", batch_window)
+        if not 0 <= ttl_jitter < 1:
+            raise ConfigError(f"dataset {name!r}: ttl_jitter={ttl_jitter!r} is not valid: use a fraction in [0, 1)")
+        for what, value in (("max_batch", max_batch), ("warm_batch_size", warm_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"dataset {name!r}: {what}={value!r} is not valid: use a whole number >= 1")
+        for what, optional in (("limit", limit), ("max_entries", max_entries)):
+            if optional is not None and (not isinstance(optional, int) or isinstance(optional, bool) or optional < 0):
+                raise ConfigError(f"dataset {name!r}: {what}={optional!r} is invalid: use a whole number >= 0, or None")
+
+        table_sql = _sql.quote_table(name, table) if table is not None else None
+        select = _sql.select_list(name, key, columns)
+        order = _sql.order_clause(name, order_by) if order_by is not None else None
+        if lookup_query is None:
+            assert table_sql is not None
+            lookup_query = _sql.lookup_sql(table_sql, select, key_sql)
+        self.lookup_sql = lookup_query
+        self.warm_sql: str | None = warm_query
+        if warm_query is None and table_sql is not None:
+            self.warm_sql = _sql.warm_sql(table_sql, select, order)
+        self.table = table
+        self.limit = limit
+        self.ttl = float(ttl)
+        self.negative_ttl = float(negative_ttl)
+        self.ttl_jitter = float(ttl_jitter)
+        self.early_refresh = float(early_refresh)
+        self.max_batch = max_batch
+        self.batch_window = float(batch_window)
+        self.warm_batch_size = warm_batch_size
+        self.max_entries = max_entries
+
+        # The in-process tier: key -> (value, refresh_at, expires_at, born), all times monotonic.
+        # value None is a cached absence. Oldest-written first, so eviction is popitem(last=False).
+        self._entries: OrderedDict[Hashable, tuple[Row | None, float, float, int]] = OrderedDict()
+        self._capacity = _MIN_CAPACITY
+        self._runtime: Runtime | None = None
+        self._loader: Loader | None = None
+        # Versions against stale sets: every read takes a tick of the clock when it starts; an
+        # invalidation takes one too and marks its key. A read stores only what nothing newer
+        # (invalidation or read) has touched since it started.
+        self._clock = 0
+        self._invalidated: dict[Hashable, int] = {}
+        self._floor = 0
+        self._reads_in_flight = 0
+        self._refreshing: set[Hashable] = set()
+        self._status: DatasetStatus = _idle()
+
+    def __repr__(self) -> str:
+        return f"PostgresDataset({self.name!r}, table={self.table!r}, key={self.key!r})"
+
+    # -- the read path ---------------------------------------------------------------------
+
+    async def get(self, key: Hashable) -> Row | None:
+        """The row for ``key``, or None if the database has none. Never waits for the warmup."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            now = time.monotonic()
+            if now < entry[1]:
+                return entry[0]
+            if now < entry[2]:
+                self._refresh(key)
+                return entry[0]
+        return await self._load(key)
+
+    async def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Row]:
+        """``{key: row}`` for the keys that exist; the misses are read in batched queries."""
+        found: dict[Hashable, Row] = {}
+        missing: list[Hashable] = []
+        now = time.monotonic()
+        for key in dict.fromkeys(keys):
+            entry = self._entries.get(key)
+            if entry is not None and now < entry[2]:
+                if now >= entry[1]:
+                    self._refresh(key)
+                if entry[0] is not None:
+                    found[key] = entry[0]
+            else:
+                missing.append(key)
+        if missing:
+            loader = self._bound_loader()
+            futures = [loader.load(k) for k in missing]
+            rows = await asyncio.shield(asyncio.gather(*futures))
+            for key, row in zip(missing, rows, strict=True):
+                if row is not None:
+                    found[key] = row
+        return found
+
+    async def invalidate(self, key: Hashable) -> None:
+        """Forget ``key`` here and in the shared cache; no read started before this call can store it again."""
+        runtime = self._bound_runtime()
+        if self._reads_in_flight:
+            self._clock += 1
+            self._invalidated[key] = self._clock
+            if len(self._invalidated) > _MAX_INVALIDATION_MARKS:
+                self._floor = self._clock
+                self._invalidated.clear()
+        self._entries.pop(key, None)
+        assert self._loader is not None
+        self._loader.forget(key)
+        if runtime.shared is not None:
+            await runtime.shared.delete(self.name, key)
+
+    def status(self) -> DatasetStatus:
+        status = self._status.copy()
+        if status["state"] in ("warming", "retrying") and self._warm_started is not None:
+            status["elapsed"] = round(time.monotonic() - self._warm_started, 3)
+        return status
+
+    # -- misses ----------------------------------------------------------------------------
+
+    async def _load(self, key: Hashable) -> Row | None:
+        if key is None:
+            raise TypeError(f"dataset {self.name!r}: key must not be None")
+        fut = self._bound_loader().load(key)
+        # shield: one caller giving up must not cancel the load the others wait on.
+        result: Row | None = await asyncio.shield(fut)
+        return result
+
+    def _refresh(self, key: Hashable) -> None:
+        loader = self._loader
+        if loader is not None and not loader.loading(key):
+            self._refreshing.add(key)
+            loader.load(key)
+
+    async def _fetch(self, keys: list[Hashable]) -> dict[Hashable, Any]:
+        runtime = self._bound_runtime()
+        found: dict[Hashable, Any] = {}
+        ask_db = keys
+        started = self._begin_read()
+        try:
+            shared = runtime.shared
+            if shared is not None:
+                # A refresh must see the database, not the entry it is replacing.
+                via_shared = [k for k in keys if k not in self._refreshing]
+                hits = await shared.get_many(self.name, via_shared) if via_shared else {}
+                if hits:
+                    mono_offset = time.monotonic() - time.time()
+                    for k, (row, expires_at) in hits.items():
+                        found[k] = row
+                        self._store(k, row, expires_at + mono_offset, 0.0, started)
+                    ask_db = [k for k in keys if k not in hits]
+            self._refreshing.difference_update(keys)
+            if not ask_db:
+                return found
+            started = self._begin_read(started)
+            t0 = time.monotonic()
+            rows = await self._query(runtime, ask_db)
+            cost = time.monotonic() - t0
+            writes = []
+            for k in ask_db:
+                row = rows.get(k)
+                found[k] = row
+                if isinstance(row, BaseException):
+                    continue
+                stored = self._store_fresh(k, row, cost, started)
+                if stored is not None:
+                    writes.append((k, row, stored))
+            if shared is not None and writes:
+                await shared.set_many(self.name, writes, self._backend_ttl())
+            return found
+        finally:
+            self._end_read()
+
+    async def _query(self, runtime: Runtime, keys: list[Hashable]) -> dict[Hashable, Any]:
+        """Rows by key; a key the database rejects (say, not a valid uuid) fails alone."""
+        try:
+            records = await runtime.fetch(self.lookup_sql, keys)
+        except asyncpg.DataError as exc:
+            if len(keys) == 1:
+                return {keys[0]: LookupFailedError(self.name, 1, exc)}
+            half = len(keys) // 2
+            first = await self._query(runtime, keys[:half])
+            first.update(await self._query(runtime, keys[half:]))
+            return first
+        except Exception as exc:
+            raise LookupFailedError(self.name, len(keys), exc) from exc
+        wanted = set(keys)
+        rows: dict[Hashable, Any] = {}
+        name = self.key
+        for record in records:
+            k = record[name]
+            # A row only ever answers the key it carries.
+            if k in wanted:
+                rows[k] = dict(record)
+        return rows
+
+    # -- the in-process tier ---------------------------------------------------------------
+
+    def _begin_read(self, started: int | None = None) -> int:
+        if started is None:
+            self._reads_in_flight += 1
+        self._clock += 1
+        return self._clock
+
+    def _end_read(self) -> None:
+        self._reads_in_flight -= 1
+        if not self._reads_in_flight and self._invalidated:
+            self._invalidated.clear()
+
+    def _fresh(self, key: Hashable, started: int) -> bool:
+        return started > self._floor and self._invalidated.get(key, 0) < started
+
+    def _store_fresh(self, key: Hashable, row: Row | None, cost: float, started: int) -> float | None:
+        """Store a value just read from the database; return its wall-clock expiry, or None if it was stale."""
+        if row is None:
+            if not self.negative_ttl:
+                return None
+            ttl = self.negative_ttl
+            early = 0.0
+        else:
+            ttl = self.ttl
+            # XFetch (Vattani et al., VLDB 2015), with the random draw made now rather than on
+            # every hit: refresh ahead of expiry by cost * beta * -ln(U).
+            early = cost * self.early_refresh * -math.log(1.0 - random.random()) if self.early_refresh else 0.0
+        if self.ttl_jitter:
+            ttl *= 1.0 + self.ttl_jitter * (2.0 * random.random() - 1.0)
+        now = time.monotonic()
+        if not self._store(key, row, now + ttl, early, started):
+            return None
+        return time.time() + ttl
+
+    def _store(self, key: Hashable, row: Row | None, expires_at: float, early: float, started: int) -> bool:
+        if not self._fresh(key, started):
+            return False
+        entries = self._entries
+        old = entries.get(key)
+        if old is not None:
+            if old[3] > started:
+                return False
+            entries.move_to_end(key)
+        elif len(entries) >= self._capacity:
+            entries.popitem(last=False)
+        refresh_at = expires_at - early if row is not None else expires_at
+        entries[key] = (row, refresh_at, expires_at, started)
+        return True
+
+    def _backend_ttl(self) -> int:
+        return math.ceil(max(self.ttl, self.negative_ttl) * (1.0 + self.ttl_jitter)) + 1
+
+    # -- warmup ----------------------------------------------------------------------------
+
+    async def _warm(self, runtime: Runtime, conn: PoolConnectionProxy[asyncpg.Record], limit: int) -> int:
+        """Stream the hottest ``limit`` rows into the cache; return how many were read."""
+        assert self.warm_sql is not None
+        done = 0
+        shared = runtime.shared
+        async with conn.transaction(readonly=True):
+            # The cursor's snapshot is taken when it opens: that is when these rows were read.
+            started = self._begin_read()
+            try:
+                cursor = await conn.cursor(self.warm_sql, limit)
+                while done < limit:
+                    t0 = time.monotonic()
+                    records = await cursor.fetch(min(self.warm_batch_size, limit - done))
+                    if not records:
+                        break
+                    cost = time.monotonic() - t0
+                    writes = []
+                    name = self.key
+                    for record in records:
+                        row = dict(record)
+                        k = row[name]
+                        stored = self._store_fresh(k, row, cost, started)
+                        if stored is not None:
+                            writes.append((k, row, stored))
+                    if shared is not None:
+                        await shared.set_many(self.name, writes, self._backend_ttl())
+                    done += len(records)
+                    self._status["rows"] = done
+                    # Let requests run between batches.
+                    await asyncio.sleep(0)
+            finally:
+                self._end_read()
+        return done
+
+    # -- binding to a running middleware ---------------------------------------------------
+
+    _warm_started: float | None = None
+
+    def _bind(self, runtime: Runtime, max_queries: int, warm_limit: int) -> None:
+        if self._runtime is not None:
+            raise ConfigError(ALREADY_BOUND.format(name=self.name))
+        self._runtime = runtime
+        self._loader = Loader(
+            self._fetch, max_batch=self.max_batch, max_queries=max_queries, window=self.batch_window
+        )
+        self._capacity = self.max_entries if self.max_entries is not None else max(_MIN_CAPACITY, 2 * warm_limit)
+        self._capacity = max(self._capacity, 1)
+        self._status = _idle()
+        self._warm_started = None
+
+    async def _unbind(self) -> None:
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            await loader.aclose()
+        self._runtime = None
+        self._entries.clear()
+        self._invalidated.clear()
+        self._refreshing.clear()
+        self._reads_in_flight = 0
+
+    def _bound_runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise NotStartedError(LIFESPAN_NEVER_RAN.format(name=self.name))
+        return self._runtime
+
+    def _bound_loader(self) -> Loader:
+        if self._loader is None:
+            raise NotStartedError(LIFESPAN_NEVER_RAN.format(name=self.name))
+        return self._loader
+
+    @property
+    def queries(self) -> int:
+        """Lookup queries this dataset has sent since its lifespan started (for tests and metrics)."""
+        return self._loader.queries if self._loader is not None else 0
+
+
+def _idle() -> DatasetStatus:
+    return {"state": "idle", "rows": 0, "target": 0, "elapsed": 0.0, "last_error": None}
+
+
+def _positive(name: str, what: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
+        raise ConfigError(f"dataset {name!r}: {what}={value!r} is not valid: use a number of seconds > 0")
+
+
+def _non_negative(name: str, what: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+        raise ConfigError(f"dataset {name!r}: {what}={value!r} is not valid: use a number >= 0")
+

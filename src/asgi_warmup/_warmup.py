@@ -1,0 +1,294 @@
+"""The per-lifespan runtime: pool, shared cache, bound datasets, the background warmup, status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, TypedDict, Union
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ._cache import SharedCache
+from ._config import Settings
+from ._dataset import DatasetStatus, PostgresDataset
+from ._errors import BAD_DSN, NO_DSN, ConfigError, NotStartedError
+
+logger = logging.getLogger("asgi_warmup")
+
+PoolSource = Union[asyncpg.Pool, Callable[[], Union[asyncpg.Pool, Awaitable[asyncpg.Pool]]]]  # noqa: UP007 (3.10 runtime)
+
+# Errors that mean "the database is not reachable right now", as opposed to "this is wrong".
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+_CONFIG: tuple[type[BaseException], ...] = (
+    asyncpg.ClientConfigurationError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+PROBE_TIMEOUT = 3.0
+RETRY_BASE = 0.5
+RETRY_CAP = 30.0
+
+
+class WarmupStatus(TypedDict):
+    ready: bool
+    datasets: dict[str, DatasetStatus]
+
+
+class Runtime:
+    def __init__(
+        self,
+        datasets: Sequence[PostgresDataset],
+        settings: Settings,
+        *,
+        dsn: str | None,
+        pool: PoolSource | None,
+        pool_size: int,
+        cache: Any,
+    ) -> None:
+        self.datasets = list(datasets)
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self._pool_source = pool
+        self._own_pool = pool is None
+        self._dsn = dsn or settings.database_url
+        self._dsn_source = "dsn=" if dsn else "DATABASE_URL"
+        self._pool_size = pool_size
+        self.shared = SharedCache(cache) if cache is not None else None
+        self._validated = False
+        self._task: asyncio.Task[None] | None = None
+        self._warm_done = asyncio.Event()
+
+    # -- startup ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Before the app's startup: open our pool (no connection yet) and bind the datasets."""
+        if self._own_pool:
+            if not self._dsn:
+                raise ConfigError(NO_DSN)
+            # min_size=0: creating the pool connects nothing, so a database that is down does
+            # not stop the server; the background task opens the connections.
+            self.pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._pool_size)
+        bound: list[PostgresDataset] = []
+        try:
+            for ds in self.datasets:
+                ds._bind(self, max_queries=self._max_queries(), warm_limit=self._limit(ds))
+                bound.append(ds)
+        except BaseException:
+            for ds in bound:
+                await ds._unbind()
+            self.datasets = bound
+            raise
+
+    async def ready(self) -> None:
+        """After the app's startup: adopt the app's pool if given as a factory, check the queries."""
+        source = self._pool_source
+        if source is not None and self.pool is None:
+            pool = source if isinstance(source, asyncpg.Pool) else source()
+            if inspect.isawaitable(pool):
+                pool = await pool
+            if not isinstance(pool, asyncpg.Pool):
+                raise ConfigError(f"pool= must be an asyncpg.Pool or return one, got {type(pool).__name__}")
+            self.pool = pool
+            for ds in self.datasets:
+                if ds._loader is not None:
+                    ds._loader.max_queries = self._max_queries()
+        try:
+            await asyncio.wait_for(self._validate(), PROBE_TIMEOUT)
+        except TRANSIENT as exc:
+            logger.warning(
+                "Database unreachable at startup (%s: %s): serving anyway, warmup will retry",
+                type(exc).__name__, exc,
+            )
+
+    async def _validate(self) -> None:
+        pool = self._require_pool()
+        try:
+            async with pool.acquire() as conn:
+                for ds in self.datasets:
+                    await _check(conn, ds)
+        except _CONFIG as exc:
+            raise ConfigError(BAD_DSN.format(source=self._dsn_source, cause=exc)) from exc
+        self._validated = True
+
+    def start_warmup(self) -> None:
+        for ds in self.datasets:
+            ds._status["state"] = "pending" if self._warms(ds) else "disabled"
+            ds._status["target"] = self._limit(ds) if self._warms(ds) else 0
+        # Keep a hard reference: the loop keeps only weak ones.
+        self._task = asyncio.get_running_loop().create_task(self._background(), name="asgi-warmup")
+
+    async def wait_warm(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._warm_done.wait(), timeout)
+
+    # -- the background task ---------------------------------------------------------------
+
+    async def _background(self) -> None:
+        try:
+            attempt = 0
+            while True:
+                try:
+                    if not self._validated:
+                        await self._validate()
+                    await self._warm_pool()
+                    break
+                except TRANSIENT as exc:
+                    attempt += 1
+                    delay = _backoff(attempt)
+                    for ds in self.datasets:
+                        if ds._status["state"] == "pending":
+                            ds._status["last_error"] = f"{type(exc).__name__}: {exc}"
+                    logger.warning("Database unreachable (%s: %s): retrying in %.1f s", type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)
+                except Exception as exc:
+                    for ds in self.datasets:
+                        if self._warms(ds):
+                            ds._status["state"], ds._status["last_error"] = "failed", f"{type(exc).__name__}: {exc}"
+                    logger.error("Cache warmup failed: %s", exc)
+                    return
+            for ds in self.datasets:
+                if self._warms(ds):
+                    await self._warm_dataset(ds)
+        finally:
+            self._warm_done.set()
+
+    async def _warm_pool(self) -> None:
+        """Open the pool's connections and prepare the lookups, so the first request pays neither."""
+        pool = self._require_pool()
+
+        async def prepare() -> None:
+            async with pool.acquire() as conn:
+                for ds in self.datasets:
+                    await conn.fetch(ds.lookup_sql, [])
+
+        results = await asyncio.gather(*(prepare() for _ in range(pool.get_max_size())), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _warm_dataset(self, ds: PostgresDataset) -> None:
+        limit = self._limit(ds)
+        status = ds._status
+        attempt = 0
+        ds._warm_started = started = time.monotonic()
+        logger.info("Cache warmup started: %s, %d rows", ds.name, limit)
+        while True:
+            status["state"] = "warming"
+            try:
+                async with self._require_pool().acquire() as conn:
+                    rows = await ds._warm(self, conn, limit)
+            except TRANSIENT as exc:
+                attempt += 1
+                delay = _backoff(attempt)
+                status["state"], status["last_error"] = "retrying", f"{type(exc).__name__}: {exc}"
+                logger.warning("Cache warmup of %s interrupted (%s): retrying in %.1f s", ds.name, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:
+                status["state"], status["last_error"] = "failed", f"{type(exc).__name__}: {exc}"
+                status["elapsed"] = round(time.monotonic() - started, 3)
+                logger.error("Cache warmup failed: %s: %s: %s", ds.name, type(exc).__name__, exc)
+                return
+            elapsed = time.monotonic() - started
+            status["state"], status["rows"], status["elapsed"] = "warm", rows, round(elapsed, 3)
+            logger.info("Cache warmup complete: %s, %d rows in %.2f s", ds.name, rows, elapsed)
+            return
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def fetch(self, sql: str, keys: list[Hashable]) -> list[asyncpg.Record]:
+        async with self._require_pool().acquire() as conn:
+            records: list[asyncpg.Record] = await conn.fetch(sql, keys)
+            return records
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def stop_warmup(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def aclose(self) -> None:
+        """Stop the warmup, unbind the datasets, close our own pool. Safe to call twice."""
+        await self.stop_warmup()
+        for ds in self.datasets:
+            await ds._unbind()
+        if self._own_pool and self.pool is not None:
+            pool, self.pool = self.pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (asyncio.TimeoutError, Exception):
+                pool.terminate()
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> WarmupStatus:
+        datasets = {ds.name: ds.status() for ds in self.datasets}
+        ready = all(s["state"] in ("warm", "disabled") for s in datasets.values())
+        return {"ready": ready, "datasets": datasets}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _limit(self, ds: PostgresDataset) -> int:
+        return ds.limit if ds.limit is not None else self.settings.limit
+
+    def _warms(self, ds: PostgresDataset) -> bool:
+        return self.settings.enabled and ds.warm_sql is not None and self._limit(ds) > 0
+
+    def _max_queries(self) -> int:
+        size = self.pool.get_max_size() if self.pool is not None else self._pool_size
+        # One connection stays for the warmup; the rest serve misses.
+        return max(1, size - 1)
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise NotStartedError("the pool= factory has not been called yet: it runs after the app's own startup")
+        return self.pool
+
+
+async def _check(conn: PoolConnectionProxy[asyncpg.Record], ds: PostgresDataset) -> None:
+    """Prepare (not run) the dataset's queries: a wrong table, column or SQL fails here, by name."""
+    for what, sql in (("lookup", ds.lookup_sql), ("warm", ds.warm_sql)):
+        if sql is None:
+            continue
+        try:
+            statement = await conn.prepare(sql)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, (*TRANSIENT, *_CONFIG)):
+                raise
+            raise ConfigError(
+                f"dataset {ds.name!r}: the {what} query does not run: {type(exc).__name__}: {exc}. "
+                f"Check table=, key=, columns= and order_by=, or {what}_query=. The query was: {sql}"
+            ) from exc
+        columns = [a.name for a in statement.get_attributes()]
+        if ds.key not in columns:
+            raise ConfigError(
+                f"dataset {ds.name!r}: the {what} query returns no column named {ds.key!r} (it returns {columns}): "
+                f"every row must carry its key. The query was: {sql}"
+            )
+        if len(statement.get_parameters()) != 1:
+            what_is_1 = "the row limit" if what == "warm" else "the array of keys"
+            raise ConfigError(
+                f"dataset {ds.name!r}: the {what} query must take exactly one parameter, $1 ({what_is_1}). "
+                f"The query was: {sql}"
+            )
+
+
+def _backoff(attempt: int) -> float:
+    # Capped exponential backoff with full jitter, so replicas do not retry in step.
+    return random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2 ** min(attempt, 16)))
