@@ -38,6 +38,7 @@ class DatasetStatus(TypedDict):
     target: int
     elapsed: float
     last_error: str | None
+    queries: int
 
 
 class PostgresDataset:
@@ -186,6 +187,7 @@ class PostgresDataset:
 
     def status(self) -> DatasetStatus:
         status = self._status.copy()
+        status["queries"] = self.queries
         if status["state"] in ("warming", "retrying") and self._warm_started is not None:
             status["elapsed"] = round(time.monotonic() - self._warm_started, 3)
         return status
@@ -400,7 +402,7 @@ class PostgresDataset:
 
 
 def _idle() -> DatasetStatus:
-    return {"state": "idle", "rows": 0, "target": 0, "elapsed": 0.0, "last_error": None}
+    return {"state": "idle", "rows": 0, "target": 0, "elapsed": 0.0, "last_error": None, "queries": 0}
 
 
 def _positive(name: str, what: str, value: float) -> None:
