@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlparse
 
@@ -27,7 +28,10 @@ def anyio_backend() -> str:
 
 def _embedded_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # pgserver asks platformdirs for a runtime dir at import; a missing XDG_RUNTIME_DIR warns.
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError:  # pragma: no cover - the test extra installs it
         pytest.exit("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[test]'", returncode=2)
     datadir = tmp_path_factory.mktemp("pgdata")
@@ -122,13 +126,3 @@ async def table(database_url: str, request: pytest.FixtureRequest) -> AsyncItera
     finally:
         await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
         await conn.close()
-
-
-async def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    """Poll until ``predicate()`` is true; fails the test (not on timing, on never happening)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():  # type: ignore[operator]
-        if loop.time() > deadline:
-            raise AssertionError("condition never became true")
-        await asyncio.sleep(0.01)

@@ -70,6 +70,7 @@ class Runtime:
         self._validated = False
         self._task: asyncio.Task[None] | None = None
         self._warm_done = asyncio.Event()
+        self._connecting: set[asyncio.Task[asyncpg.Connection]] = set()
 
     # -- startup ---------------------------------------------------------------------------
 
@@ -80,7 +81,9 @@ class Runtime:
                 raise ConfigError(NO_DSN)
             # min_size=0: creating the pool connects nothing, so a database that is down does
             # not stop the server; the background task opens the connections.
-            self.pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._pool_size)
+            self.pool = await asyncpg.create_pool(
+                self._dsn, min_size=0, max_size=self._pool_size, connect=self._connect
+            )
         bound: list[PostgresDataset] = []
         try:
             for ds in self.datasets:
@@ -90,6 +93,22 @@ class Runtime:
             for ds in bound:
                 await ds._unbind()
             self.datasets = bound
+            raise
+
+    async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """``asyncpg.connect``, except that a cancelled caller lets the attempt finish, then closes it.
+
+        Cancelling asyncpg in the middle of a TLS handshake (sslmode=prefer, the default) leaves a
+        future whose exception nobody retrieves: "unexpected connection_lost() call" in the log.
+        Shutdown cancels whatever is in flight, so connection attempts are shielded from it.
+        """
+        attempt: asyncio.Task[asyncpg.Connection] = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+        self._connecting.add(attempt)
+        attempt.add_done_callback(self._connecting.discard)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(_close_orphan)
             raise
 
     async def ready(self) -> None:
@@ -234,6 +253,8 @@ class Runtime:
                 await asyncio.wait_for(pool.close(), 10)
             except (asyncio.TimeoutError, Exception):
                 pool.terminate()
+        if self._connecting:
+            await asyncio.wait(self._connecting, timeout=PROBE_TIMEOUT)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -287,6 +308,12 @@ async def _check(conn: PoolConnectionProxy[asyncpg.Record], ds: PostgresDataset)
                 f"dataset {ds.name!r}: the {what} query must take exactly one parameter, $1 ({what_is_1}). "
                 f"The query was: {sql}"
             )
+
+
+def _close_orphan(attempt: asyncio.Task[asyncpg.Connection]) -> None:
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    attempt.result().terminate()
 
 
 def _backoff(attempt: int) -> float:
