@@ -222,6 +222,7 @@ async def seed(conn: asyncpg.Connection, n_keys: int, *, zipf_s: float = 1.0, se
     ranks = list(range(1, n_keys + 1))
     rng.shuffle(ranks)
     first_created = now - dt.timedelta(minutes=n_keys)
+    tiers = [json.dumps({"tier": tier}) for tier in ("free", "pro", "enterprise")]
     records = []
     for i, (key, rank) in enumerate(zip(keys, ranks, strict=True)):
         user = rng.randrange(n_users)
@@ -233,12 +234,12 @@ async def seed(conn: asyncpg.Connection, n_keys: int, *, zipf_s: float = 1.0, se
                 f"key-{i}",
                 f"user-{user}",
                 f"team-{user % n_teams}",
-                Decimal(rng.randint(0, 10_000)) / 100,
+                Decimal(rng.randrange(10_000)).scaleb(-2),
                 expires,
                 now - dt.timedelta(seconds=rank),
                 round(1e9 / rank**zipf_s),
                 first_created + dt.timedelta(minutes=i),
-                json.dumps({"tier": rng.choice(["free", "pro", "enterprise"])}),
+                tiers[i % 3],
             )
         )
     await conn.copy_records_to_table(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -113,3 +114,76 @@ class Gate:
             await self._tx.commit()
             await self._conn.close()
             self._conn = None
+
+
+def counting_connection_class() -> type[Any]:
+    """An asyncpg connection class that records every ``fetch`` (the lookups), for counting queries."""
+    import asyncpg
+
+    class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
+        fetches: list[tuple[str, tuple[Any, ...]]] = []
+
+        async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            type(self).fetches.append((query, args))
+            return await super().fetch(query, *args, **kwargs)
+
+    CountingConnection.fetches = []
+    return CountingConnection
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of PostgreSQL that the test can take down and bring back."""
+
+    def __init__(self, dsn: str) -> None:
+        from urllib.parse import parse_qs, urlparse
+
+        parsed = urlparse(dsn)
+        query = parse_qs(parsed.query)
+        self.user = parsed.username or "postgres"
+        self.database = (parsed.path or "/").lstrip("/") or self.user
+        if parsed.hostname:
+            self._upstream: tuple[str, int] | str = (parsed.hostname, parsed.port or 5432)
+        else:
+            self._upstream = f"{query['host'][0]}/.s.PGSQL.{parsed.port or 5432}"
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def dsn(self) -> str:
+        # sslmode=disable: the proxy cuts connections abruptly, which is the point.
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}?sslmode=disable"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        """Refuse new connections and cut every open one: the database is down."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if isinstance(self._upstream, str):
+            up_reader, up_writer = await asyncio.open_unix_connection(self._upstream)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from helpers import Gate, LifespanDriver, wait_for
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from asgi_warmup import NotStartedError, PostgresDataset, WarmupMiddleware
 from asgi_warmup._errors import LIFESPAN_NEVER_RAN
+from helpers import Gate, LifespanDriver, wait_for
 
 pytestmark = pytest.mark.anyio
 

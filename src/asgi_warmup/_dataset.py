@@ -9,12 +9,14 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from . import _sql
+from ._cache import SharedCache
 from ._errors import ALREADY_BOUND, LIFESPAN_NEVER_RAN, ConfigError, LookupFailedError, NotStartedError
 from ._loader import Loader
 
@@ -139,7 +141,7 @@ class PostgresDataset:
         """The row for ``key``, or None if the database has none. Never waits for the warmup."""
         entry = self._entries.get(key)
         if entry is not None:
-            now = time.monotonic()
+            now = _monotonic()
             if now < entry[1]:
                 return entry[0]
             if now < entry[2]:
@@ -151,7 +153,7 @@ class PostgresDataset:
         """``{key: row}`` for the keys that exist; the misses are read in batched queries."""
         found: dict[Hashable, Row] = {}
         missing: list[Hashable] = []
-        now = time.monotonic()
+        now = _monotonic()
         for key in dict.fromkeys(keys):
             entry = self._entries.get(key)
             if entry is not None and now < entry[2]:
@@ -189,7 +191,7 @@ class PostgresDataset:
         status = self._status.copy()
         status["queries"] = self.queries
         if status["state"] in ("warming", "retrying") and self._warm_started is not None:
-            status["elapsed"] = round(time.monotonic() - self._warm_started, 3)
+            status["elapsed"] = round(_monotonic() - self._warm_started, 3)
         return status
 
     # -- misses ----------------------------------------------------------------------------
@@ -209,43 +211,51 @@ class PostgresDataset:
             loader.load(key)
 
     async def _fetch(self, keys: list[Hashable]) -> dict[Hashable, Any]:
+        """The loader's batch: the shared cache first (if any), then one query for the rest."""
         runtime = self._bound_runtime()
-        found: dict[Hashable, Any] = {}
-        ask_db = keys
-        started = self._begin_read()
+        self._reads_in_flight += 1
         try:
-            shared = runtime.shared
-            if shared is not None:
+            found: dict[Hashable, Any] = {}
+            ask_db = keys
+            if runtime.shared is not None:
                 # A refresh must see the database, not the entry it is replacing.
-                via_shared = [k for k in keys if k not in self._refreshing]
-                hits = await shared.get_many(self.name, via_shared) if via_shared else {}
-                if hits:
-                    mono_offset = time.monotonic() - time.time()
-                    for k, (row, expires_at) in hits.items():
-                        found[k] = row
-                        self._store(k, row, expires_at + mono_offset, 0.0, started)
-                    ask_db = [k for k in keys if k not in hits]
+                found = await self._from_shared(runtime.shared, [k for k in keys if k not in self._refreshing])
+                ask_db = [k for k in keys if k not in found]
             self._refreshing.difference_update(keys)
-            if not ask_db:
-                return found
-            started = self._begin_read(started)
-            t0 = time.monotonic()
-            rows = await self._query(runtime, ask_db)
-            cost = time.monotonic() - t0
-            writes = []
-            for k in ask_db:
-                row = rows.get(k)
-                found[k] = row
-                if isinstance(row, BaseException):
-                    continue
-                stored = self._store_fresh(k, row, cost, started)
-                if stored is not None:
-                    writes.append((k, row, stored))
-            if shared is not None and writes:
-                await shared.set_many(self.name, writes, self._backend_ttl())
+            if ask_db:
+                found.update(await self._from_db(runtime, ask_db))
             return found
         finally:
             self._end_read()
+
+    async def _from_shared(self, shared: SharedCache, keys: list[Hashable]) -> dict[Hashable, Any]:
+        if not keys:
+            return {}
+        started = self._tick()
+        hits = await shared.get_many(self.name, keys)
+        offset = _monotonic() - time.time()
+        found: dict[Hashable, Any] = {}
+        for key, (row, expires_at) in hits.items():
+            found[key] = row
+            self._store(key, row, expires_at + offset, 0.0, started)
+        return found
+
+    async def _from_db(self, runtime: Runtime, keys: list[Hashable]) -> dict[Hashable, Any]:
+        started = self._tick()
+        t0 = _monotonic()
+        rows = await self._query(runtime, keys)
+        cost = _monotonic() - t0
+        writes = []
+        for key in keys:
+            row = rows.setdefault(key, None)
+            if isinstance(row, BaseException):
+                continue
+            expires_at = self._store_fresh(key, row, cost, started)
+            if expires_at is not None:
+                writes.append((key, row, expires_at))
+        if runtime.shared is not None and writes:
+            await runtime.shared.set_many(self.name, writes, self._backend_ttl())
+        return rows
 
     async def _query(self, runtime: Runtime, keys: list[Hashable]) -> dict[Hashable, Any]:
         """Rows by key; a key the database rejects (say, not a valid uuid) fails alone."""
@@ -272,9 +282,7 @@ class PostgresDataset:
 
     # -- the in-process tier ---------------------------------------------------------------
 
-    def _begin_read(self, started: int | None = None) -> int:
-        if started is None:
-            self._reads_in_flight += 1
+    def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
@@ -300,7 +308,7 @@ class PostgresDataset:
             early = cost * self.early_refresh * -math.log(1.0 - random.random()) if self.early_refresh else 0.0
         if self.ttl_jitter:
             ttl *= 1.0 + self.ttl_jitter * (2.0 * random.random() - 1.0)
-        now = time.monotonic()
+        now = _monotonic()
         if not self._store(key, row, now + ttl, early, started):
             return None
         return time.time() + ttl
@@ -332,15 +340,16 @@ class PostgresDataset:
         shared = runtime.shared
         async with conn.transaction(readonly=True):
             # The cursor's snapshot is taken when it opens: that is when these rows were read.
-            started = self._begin_read()
+            self._reads_in_flight += 1
+            started = self._tick()
             try:
                 cursor = await conn.cursor(self.warm_sql, limit)
                 while done < limit:
-                    t0 = time.monotonic()
+                    t0 = _monotonic()
                     records = await cursor.fetch(min(self.warm_batch_size, limit - done))
                     if not records:
                         break
-                    cost = time.monotonic() - t0
+                    cost = _monotonic() - t0
                     writes = []
                     name = self.key
                     for record in records:

@@ -1,0 +1,282 @@
+"""The README's demo: restart a LiteLLM-style proxy and hit it with a burst of API keys at once.
+
+    pip install -e '.[examples,embedded]'
+    python examples/demo.py            # 20000 keys; 5000 requests, 200 concurrent
+    python examples/demo.py --quick    # 2000 keys; 500 requests, 50 concurrent
+
+Uses DATABASE_URL when set (in a fresh schema, dropped at the end), else an embedded PostgreSQL
+(pgserver). Exits 1 if any request got a 5xx or a valid key was refused, so CI catches regressions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+try:  # python examples/demo.py
+    from litellm_proxy import create_schema, seed
+except ImportError:  # python -m examples.demo
+    from examples.litellm_proxy import create_schema, seed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[tuple[str, str]]:
+    """(dsn, where): DATABASE_URL if set, else an embedded server, stopped and deleted on the way out."""
+    if url := os.environ.get("DATABASE_URL"):
+        yield url, "DATABASE_URL"
+        return
+    try:
+        import pgserver
+    except ImportError:
+        sys.exit("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[examples,embedded]'")
+    with tempfile.TemporaryDirectory(prefix="asgi-warmup-demo-") as tmp:
+        print("Starting an embedded PostgreSQL (pgserver) ...", flush=True)
+        server = pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
+        try:
+            yield server.get_uri(), "embedded PostgreSQL (pgserver)"
+        finally:
+            server.cleanup()
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    # asyncpg sends the URL parameters it does not know to the server as settings.
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"] + [("search_path", schema)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def start_proxy(dsn: str, port: int, warm_limit: int | None) -> asyncio.subprocess.Process:
+    env = {**os.environ, "DATABASE_URL": dsn}
+    if warm_limit is not None:
+        env["ASGI_WARMUP_LIMIT"] = str(warm_limit)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uvicorn", "examples.litellm_proxy:app", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--log-level", "warning", "--no-access-log",
+        cwd=ROOT, env=env,
+        # Its own session: Ctrl-C reaches only the demo, which stops uvicorn before the database.
+        start_new_session=True,
+    )  # fmt: skip
+
+
+async def wait_listening(proc: asyncio.subprocess.Process, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"uvicorn exited with code {proc.returncode} before serving (see its output above)")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not listen on port {port} within {timeout:.0f} s") from None
+            await asyncio.sleep(0.005)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+async def stop_proxy(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()  # uvicorn shuts down gracefully: lifespan shutdown closes the pool
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+    print(f"uvicorn stopped (exit code {proc.returncode})")
+
+
+class Burst:
+    def __init__(self, traffic: list[tuple[str, str, bool]]) -> None:
+        self.traffic = traffic
+        self.results: list[tuple[int, float, float, bool]] = []  # status (0: no answer), latency, done at, valid
+        self.warm_at: float | None = None
+
+    async def fire(self, client: httpx.AsyncClient, concurrency: int) -> None:
+        requests = iter(self.traffic)  # shared by the workers: each request is sent once
+
+        async def worker() -> None:
+            for path, key, valid in requests:
+                headers = {"authorization": f"Bearer {key}"}
+                t0 = time.perf_counter()
+                try:
+                    if path == "/v1/models":
+                        status = (await client.get(path, headers=headers)).status_code
+                    else:
+                        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+                        status = (await client.post(path, headers=headers, json=body)).status_code
+                except httpx.HTTPError as exc:
+                    print(f"  request failed: {type(exc).__name__}: {exc}")
+                    status = 0
+                now = time.perf_counter()
+                self.results.append((status, now - t0, now, valid))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def watch(self, client: httpx.AsyncClient, started: float) -> None:
+        """Print progress; note when the warmup is first seen complete."""
+        last = 0.0
+        while True:
+            status = (await client.get("/_warmup")).json()
+            ds, now = status["datasets"]["api_keys"], time.perf_counter()
+            if status["ready"] and self.warm_at is None:
+                self.warm_at = now
+                print(f"  {now - started:5.2f} s  warmup complete ({ds['rows']} rows); {len(self.results)} answered")
+            elif now - last >= 0.5:
+                last = now
+                print(
+                    f"  {now - started:5.2f} s  {len(self.results):5d}/{len(self.traffic)} answered,"
+                    f" warmup {ds['state']} {ds['rows']}/{ds['target']} rows"
+                )
+            await asyncio.sleep(0.01)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def run(args: argparse.Namespace, dsn: str) -> int:
+    schema = f"asgi_warmup_demo_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(dsn)
+    proc = None
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        dsn = with_search_path(dsn, schema)
+        t0 = time.perf_counter()
+        conn = await asyncpg.connect(dsn)
+        try:
+            await create_schema(conn)
+            keys = await seed(conn, args.keys, zipf_s=args.zipf, seed=args.seed)
+        finally:
+            await conn.close()
+        print(f"Seeded {args.keys} API keys ({args.keys // 10} users, {args.keys // 100} teams) in schema {schema}"
+              f" in {time.perf_counter() - t0:.2f} s")  # fmt: skip
+
+        rng = random.Random(args.seed)
+        weights = itertools.accumulate(1 / rank**args.zipf for rank in range(1, len(keys) + 1))
+        traffic = [
+            (
+                "/v1/models" if rng.random() < 0.2 else "/v1/chat/completions",
+                f"sk-{rng.getrandbits(128):032x}" if invalid else key,
+                not invalid,
+            )
+            for key in rng.choices(keys, cum_weights=list(weights), k=args.requests)
+            for invalid in [rng.random() < args.invalid]
+        ]
+
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = await start_proxy(dsn, port, args.warm_limit)
+        await wait_listening(proc, port)
+        started = time.perf_counter()
+        print(f"uvicorn listening on 127.0.0.1:{port} after {started - t0:.2f} s; firing {args.requests} requests,"
+              f" {args.concurrency} concurrent")  # fmt: skip
+        burst = Burst(traffic)
+        base = f"http://127.0.0.1:{port}"
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client, httpx.AsyncClient(
+            base_url=base
+        ) as side:
+            watcher = asyncio.create_task(burst.watch(side, started))
+            try:
+                await burst.fire(client, args.concurrency)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            took = time.perf_counter() - started
+            warm: dict[str, Any] = (await side.get("/_warmup")).json()
+            lookups: dict[str, int] = (await side.get("/health")).json()["key_lookups"]
+        return report(args, burst, took, warm, lookups)
+    finally:
+        if proc is not None:
+            await stop_proxy(proc)
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+def report(args: argparse.Namespace, burst: Burst, took: float, warm: dict[str, Any], lookups: dict[str, int]) -> int:
+    results = burst.results
+    codes = Counter(status for status, *_ in results)
+    other = len(results) - codes[200] - codes[401]
+    latencies = sorted(latency * 1000 for _, latency, _, _ in results)
+    warm_at = burst.warm_at if burst.warm_at is not None else float("inf")
+    before_warm = sum(done < warm_at for _, _, done, _ in results)
+    ds = warm["datasets"]["api_keys"]
+    problems = {
+        "answered 5xx": sum(status >= 500 for status, *_ in results),
+        "got no answer": codes[0],
+        "valid keys refused (401)": sum(status == 401 and valid for status, _, _, valid in results),
+        "invalid keys accepted (200)": sum(status == 200 and not valid for status, _, _, valid in results),
+    }
+    print(f"""
+Results: {len(results)} requests in {took:.2f} s ({len(results) / took:.0f} req/s), {args.concurrency} concurrent
+  status codes     200: {codes[200]}   401: {codes[401]} ({sum(not v for *_, v in results)} invalid keys sent)   \
+other: {other} {dict((c, n) for c, n in codes.items() if c not in (200, 401)) or ""}
+  latency          p50 {percentile(latencies, 0.5):.1f} ms   p99 {percentile(latencies, 0.99):.1f} ms   \
+max {latencies[-1]:.1f} ms
+  during warmup    {before_warm} of {len(results)} requests answered before the warmup was seen complete
+  warmup           {ds["state"]}: {ds["rows"]} of {ds["target"]} rows in {ds["elapsed"]:.2f} s\
+{f"   last error: {ds['last_error']}" if ds["last_error"] else ""}
+  cache misses     {lookups["misses"]} requests missed the in-process cache -> {ds["queries"]} lookup queries \
+to PostgreSQL""")
+    failed = {what: n for what, n in problems.items() if n}
+    for what, n in failed.items():
+        print(f"FAIL: {n} requests {what}")
+    if not failed:
+        print("OK: no 5xx, every valid key accepted, every invalid key refused")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2000 keys; 500 requests, 50 concurrent (for CI)")
+    parser.add_argument("--keys", type=int, help="API keys to seed (default 20000)")
+    parser.add_argument("--requests", type=int, help="requests in the burst (default 5000)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight at once (default 200)")
+    parser.add_argument("--invalid", type=float, default=0.05, help="share of unknown keys (default 0.05)")
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of key popularity (default 1.0)")
+    parser.add_argument("--warm-limit", type=int, help="rows to warm (ASGI_WARMUP_LIMIT; default: the package's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.keys = args.keys or (2000 if quick else 20_000)
+    args.requests = args.requests or (500 if quick else 5000)
+    args.concurrency = args.concurrency or (50 if quick else 200)
+    try:
+        with postgres() as (dsn, where):
+            print(f"asgi-warmup demo: {args.keys} keys, {args.requests} requests, {args.concurrency} concurrent; {where}")
+            return asyncio.run(run(args, dsn))
+    except KeyboardInterrupt:
+        print("Interrupted: uvicorn and PostgreSQL stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
