@@ -354,6 +354,8 @@ def report(args: argparse.Namespace, setup: Setup, variants: Sequence[Variant], 
         print(f"{v.name:<{width}}{v.median:>16,.1f}{v.best:>10,.1f}{v.median / floor:>9.2f}x")
     for name, reason in setup.skipped.items():
         print(f"{name:<{width}}{'skipped':>16}  {reason}")
+    if args.quick:
+        print("\n--quick is a smoke run: too few gets per pass for the numbers to mean much")
 
 
 def write_json(path: str, args: argparse.Namespace, setup: Setup, variants: Sequence[Variant], overhead: float) -> None:
@@ -386,7 +388,7 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, variants: Sequ
     _make_parent(path)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
-    print(f"\nwrote {path}")
+    print(f"wrote {path}")
 
 
 def write_plot(path: str, variants: Sequence[Variant]) -> None:
@@ -396,7 +398,7 @@ def write_plot(path: str, variants: Sequence[Variant]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
-        print(f"\nno plot written to {path}: matplotlib is not installed (pip install matplotlib)")
+        print(f"no plot written to {path}: matplotlib is not installed (pip install matplotlib)")
         return
     names = [v.name for v in reversed(variants)]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
@@ -453,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hitpath: setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     report(args, setup, variants, overhead)
+    if args.json or args.plot:
+        print()
     if args.json:
         write_json(args.json, args, setup, variants, overhead)
     if args.plot:

@@ -175,8 +175,7 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
             keys = await seed(conn, args.keys, zipf_s=args.zipf, seed=args.seed)
         finally:
             await conn.close()
-        print(f"Seeded {args.keys} API keys ({args.keys // 10} users, {args.keys // 100} teams) in schema {schema}"
-              f" in {time.perf_counter() - t0:.2f} s")  # fmt: skip
+        print(f"Seeded {args.keys} API keys in schema {schema} in {time.perf_counter() - t0:.2f} s")
 
         rng = random.Random(args.seed)
         weights = itertools.accumulate(1 / rank**args.zipf for rank in range(1, len(keys) + 1))
@@ -195,14 +194,13 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
         proc = await start_proxy(dsn, port, args.warm_limit)
         await wait_listening(proc, port)
         started = time.perf_counter()
-        print(f"uvicorn listening on 127.0.0.1:{port} after {started - t0:.2f} s; firing {args.requests} requests,"
-              f" {args.concurrency} concurrent")  # fmt: skip
+        print(f"uvicorn listening on 127.0.0.1:{port} after {started - t0:.2f} s; firing the burst now")
         burst = Burst(traffic)
         base = f"http://127.0.0.1:{port}"
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client, httpx.AsyncClient(
-            base_url=base
-        ) as side:
+        async with contextlib.AsyncExitStack() as clients:
+            client = await clients.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=60))
+            side = await clients.enter_async_context(httpx.AsyncClient(base_url=base))  # not queued behind the burst
             watcher = asyncio.create_task(burst.watch(side, started))
             try:
                 await burst.fire(client, args.concurrency)
@@ -224,28 +222,31 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
 def report(args: argparse.Namespace, burst: Burst, took: float, warm: dict[str, Any], lookups: dict[str, int]) -> int:
     results = burst.results
     codes = Counter(status for status, *_ in results)
-    other = len(results) - codes[200] - codes[401]
+    others = {code: n for code, n in sorted(codes.items()) if code not in (200, 401)}
     latencies = sorted(latency * 1000 for _, latency, _, _ in results)
     warm_at = burst.warm_at if burst.warm_at is not None else float("inf")
-    before_warm = sum(done < warm_at for _, _, done, _ in results)
     ds = warm["datasets"]["api_keys"]
+    print(f"\nResults: {len(results)} requests in {took:.2f} s ({len(results) / took:.0f} req/s)")
+    invalid_sent = sum(not valid for *_, valid in results)
+    print(
+        f"  status codes   200: {codes[200]}   401: {codes[401]} ({invalid_sent} invalid keys sent)   other: {others}"
+    )
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    print(f"  latency        p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {latencies[-1]:.1f} ms")
+    before_warm = sum(done < warm_at for _, _, done, _ in results)
+    print(f"  during warmup  {before_warm} of {len(results)} requests answered before the warmup was seen complete")
+    error = f"   last error: {ds['last_error']}" if ds["last_error"] else ""
+    print(f"  warmup         {ds['state']}: {ds['rows']} of {ds['target']} rows in {ds['elapsed']:.2f} s{error}")
+    print(
+        f"  database       {lookups['misses']} requests missed the in-process cache ->"
+        f" {ds['queries']} lookup queries to PostgreSQL"
+    )
     problems = {
-        "answered 5xx": sum(status >= 500 for status, *_ in results),
+        "answered with a 5xx": sum(status >= 500 for status, *_ in results),
         "got no answer": codes[0],
-        "valid keys refused (401)": sum(status == 401 and valid for status, _, _, valid in results),
-        "invalid keys accepted (200)": sum(status == 200 and not valid for status, _, _, valid in results),
+        "with a valid key refused (401)": sum(status == 401 and valid for status, _, _, valid in results),
+        "with an invalid key accepted (200)": sum(status == 200 and not valid for status, _, _, valid in results),
     }
-    print(f"""
-Results: {len(results)} requests in {took:.2f} s ({len(results) / took:.0f} req/s), {args.concurrency} concurrent
-  status codes     200: {codes[200]}   401: {codes[401]} ({sum(not v for *_, v in results)} invalid keys sent)   \
-other: {other} {dict((c, n) for c, n in codes.items() if c not in (200, 401)) or ""}
-  latency          p50 {percentile(latencies, 0.5):.1f} ms   p99 {percentile(latencies, 0.99):.1f} ms   \
-max {latencies[-1]:.1f} ms
-  during warmup    {before_warm} of {len(results)} requests answered before the warmup was seen complete
-  warmup           {ds["state"]}: {ds["rows"]} of {ds["target"]} rows in {ds["elapsed"]:.2f} s\
-{f"   last error: {ds['last_error']}" if ds["last_error"] else ""}
-  cache misses     {lookups["misses"]} requests missed the in-process cache -> {ds["queries"]} lookup queries \
-to PostgreSQL""")
     failed = {what: n for what, n in problems.items() if n}
     for what, n in failed.items():
         print(f"FAIL: {n} requests {what}")
@@ -271,7 +272,9 @@ def main() -> int:
     args.concurrency = args.concurrency or (50 if quick else 200)
     try:
         with postgres() as (dsn, where):
-            print(f"asgi-warmup demo: {args.keys} keys, {args.requests} requests, {args.concurrency} concurrent; {where}")
+            print(
+                f"asgi-warmup demo: {args.keys} keys, {args.requests} requests, {args.concurrency} concurrent; {where}"
+            )
             return asyncio.run(run(args, dsn))
     except KeyboardInterrupt:
         print("Interrupted: uvicorn and PostgreSQL stopped", file=sys.stderr)

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from helpers import Gate, LifespanDriver, TcpProxy, wait_for
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_warmup import LookupFailedError, PostgresDataset, WarmupMiddleware
 from asgi_warmup import _warmup as warmup_module
+from helpers import Gate, LifespanDriver, TcpProxy, wait_for
 
 pytestmark = pytest.mark.anyio
 

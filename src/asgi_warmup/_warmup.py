@@ -38,6 +38,7 @@ _CONFIG: tuple[type[BaseException], ...] = (
     asyncpg.InvalidCatalogNameError,
 )
 PROBE_TIMEOUT = 3.0
+APPLICATION_NAME = "asgi-warmup"
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
 
@@ -81,8 +82,10 @@ class Runtime:
                 raise ConfigError(NO_DSN)
             # min_size=0: creating the pool connects nothing, so a database that is down does
             # not stop the server; the background task opens the connections.
+            # Named, so operators can tell our connections apart in pg_stat_activity.
+            settings = {} if "application_name" in self._dsn else {"application_name": APPLICATION_NAME}
             self.pool = await asyncpg.create_pool(
-                self._dsn, min_size=0, max_size=self._pool_size, connect=self._connect
+                self._dsn, min_size=0, max_size=self._pool_size, connect=self._connect, server_settings=settings
             )
         bound: list[PostgresDataset] = []
         try:
