@@ -12,7 +12,7 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from asgi_warmup import ConfigError, LookupFailedError, PostgresDataset, WarmupMiddleware
-from helpers import Gate, counting_connection_class, wait_for
+from helpers import Gate, LifespanDriver, counting_connection_class, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -223,16 +223,23 @@ async def test_misses_are_answered_while_the_warmup_holds_its_connection(table, 
 
 
 async def test_pool_is_opened_before_the_first_request(table, database_url) -> None:
+    name = f"warm-{table.name}"
+    dsn = database_url + ("&" if "?" in database_url else "?") + f"application_name={name}"
     ds = table.dataset(limit=10)
-    app = WarmupMiddleware(Starlette(), datasets=[ds], pool_size=4)
-    async with LifespanManager(app):
+    async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], dsn=dsn, pool_size=4)):
         await wait_for(lambda: ds.status()["state"] == "warm")
         conn = await asyncpg.connect(database_url)
         try:
-            opened = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'asgi-warmup'"
-            )
+            opened = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
         finally:
             await conn.close()
         assert opened == 4
+        assert ds.status()["queries"] == 0
 
+
+async def test_own_connections_are_named_for_operators(table) -> None:
+    driver = LifespanDriver(WarmupMiddleware(Starlette(), datasets=[table.dataset(limit=0)]))
+    await driver.startup()
+    async with driver.state["asgi_warmup"].pool.acquire() as conn:
+        assert await conn.fetchval("SELECT current_setting('application_name')") == "asgi-warmup"
+    await driver.shutdown()

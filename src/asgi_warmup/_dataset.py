@@ -131,6 +131,7 @@ class PostgresDataset:
         self._reads_in_flight = 0
         self._refreshing: set[Hashable] = set()
         self._status: DatasetStatus = _idle()
+        self._queries = 0
 
     def __repr__(self) -> str:
         return f"PostgresDataset({self.name!r}, table={self.table!r}, key={self.key!r})"
@@ -259,6 +260,7 @@ class PostgresDataset:
 
     async def _query(self, runtime: Runtime, keys: list[Hashable]) -> dict[Hashable, Any]:
         """Rows by key; a key the database rejects (say, not a valid uuid) fails alone."""
+        self._queries += 1
         try:
             records = await runtime.fetch(self.lookup_sql, keys)
         except asyncpg.DataError as exc:
@@ -383,6 +385,7 @@ class PostgresDataset:
         self._capacity = max(self._capacity, 1)
         self._status = _idle()
         self._warm_started = None
+        self._queries = 0
 
     async def _unbind(self) -> None:
         loader, self._loader = self._loader, None
@@ -406,8 +409,8 @@ class PostgresDataset:
 
     @property
     def queries(self) -> int:
-        """Lookup queries this dataset has sent since its lifespan started (for tests and metrics)."""
-        return self._loader.queries if self._loader is not None else 0
+        """Lookup queries this dataset has sent to PostgreSQL since its lifespan started."""
+        return self._queries
 
 
 def _idle() -> DatasetStatus:

@@ -34,7 +34,6 @@ class Loader:
         self._running = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self.queries = 0
 
     def load(self, key: Hashable) -> asyncio.Future[Any]:
         """The future of ``key``'s value, joining a load already pending or running."""
@@ -89,7 +88,6 @@ class Loader:
             for key in batch:
                 del pending[key]
             self._running += 1
-            self.queries += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             # Keep a hard reference: the loop keeps only weak ones.
             self._tasks.add(task)
