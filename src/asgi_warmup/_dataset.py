@@ -131,6 +131,7 @@ class PostgresDataset:
         self._reads_in_flight = 0
         self._refreshing: set[Hashable] = set()
         self._status: DatasetStatus = _idle()
+        self._warm_started: float | None = None
         self._queries = 0
 
     def __repr__(self) -> str:
@@ -176,15 +177,14 @@ class PostgresDataset:
     async def invalidate(self, key: Hashable) -> None:
         """Forget ``key`` here and in the shared cache; no read started before this call can store it again."""
         runtime = self._bound_runtime()
+        # Only a read already in flight could store an older value: mark the key for those.
         if self._reads_in_flight:
-            self._clock += 1
-            self._invalidated[key] = self._clock
+            self._invalidated[key] = self._tick()
             if len(self._invalidated) > _MAX_INVALIDATION_MARKS:
                 self._floor = self._clock
                 self._invalidated.clear()
         self._entries.pop(key, None)
-        assert self._loader is not None
-        self._loader.forget(key)
+        self._bound_loader().forget(key)
         if runtime.shared is not None:
             await runtime.shared.delete(self.name, key)
 
@@ -192,7 +192,7 @@ class PostgresDataset:
         status = self._status.copy()
         status["queries"] = self.queries
         if status["state"] in ("warming", "retrying") and self._warm_started is not None:
-            status["elapsed"] = round(_monotonic() - self._warm_started, 3)
+            status["elapsed"] = round(time.monotonic() - self._warm_started, 3)
         return status
 
     # -- misses ----------------------------------------------------------------------------
@@ -371,8 +371,6 @@ class PostgresDataset:
         return done
 
     # -- binding to a running middleware ---------------------------------------------------
-
-    _warm_started: float | None = None
 
     def _bind(self, runtime: Runtime, max_queries: int, warm_limit: int) -> None:
         if self._runtime is not None:
