@@ -1,9 +1,11 @@
 """Any ASGI app: Starlette, FastAPI (wrapped or add_middleware), Litestar and raw ASGI, end to end over HTTP."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI and Litestar read the handlers' annotations at runtime,
+# and these handlers are defined inside functions.
 
 import json
 from collections.abc import Callable
+from typing import Annotated
 
 import httpx
 import pytest
@@ -11,6 +13,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import Depends, FastAPI, HTTPException
 from litestar import Litestar, get
 from litestar.exceptions import NotFoundException
+from litestar.params import FromPath
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -43,7 +46,7 @@ def _fastapi(ds: PostgresDataset) -> FastAPI:
         return row
 
     @app.get("/keys/{token}")
-    async def show(row: dict = Depends(key_row)) -> dict:
+    async def show(row: Annotated[dict, Depends(key_row)]) -> dict:
         return {"n": row["n"]}
 
     return app
@@ -61,7 +64,7 @@ def fastapi_add_middleware(ds: PostgresDataset) -> ASGIApp:
 
 def litestar_app(ds: PostgresDataset) -> ASGIApp:
     @get("/keys/{token:str}")
-    async def show(token: str) -> dict:
+    async def show(token: FromPath[str]) -> dict:
         row = await ds.get(token)
         if row is None:
             raise NotFoundException("unknown")
@@ -88,8 +91,11 @@ def raw_app(ds: PostgresDataset) -> ASGIApp:
 )
 async def test_reads_through_the_cache_in_any_framework(table, build: Callable[[PostgresDataset], ASGIApp]) -> None:
     ds = table.dataset(limit=10)
-    async with LifespanManager(build(ds)) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
+    app = build(ds)
+    async with LifespanManager(app):
+        # Requests go to the app itself, not manager.app: asgi-lifespan hands every request the
+        # same state dict instead of a copy, and Litestar keeps per-request state in it.
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/keys/k3")).json() == {"n": 3}
             assert (await client.get("/keys/k150")).json() == {"n": 150}
