@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,9 +217,16 @@ async def redis_cache(url: str) -> tuple[RedisCache | None, str]:
     try:
         await cache.exists(f"{KEY_PREFIX}:hitpath-probe")
     except Exception as exc:
-        await cache.close()
+        await close_redis(cache)
         return None, f"Redis at {_display(url)} does not answer ({type(exc).__name__}: {exc})"
     return cache, ""
+
+
+async def close_redis(cache: RedisCache) -> None:
+    # aiocache 0.12's close() calls redis-py's deprecated close(); nothing for us to fix.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
+        await cache.close()
 
 
 async def forget_redis_keys(cache: RedisCache, dataset: str) -> None:
@@ -287,7 +295,7 @@ async def run(args: argparse.Namespace) -> tuple[Setup, list[Variant], float]:
             with_redis: PostgresDataset | None = None
             if redis is not None:
                 setup.redis = _display(redis_url)
-                stack.push_async_callback(redis.close)
+                stack.push_async_callback(close_redis, redis)
                 with_redis = dataset(f"{table}_redis", table, args.rows)
                 stack.push_async_callback(forget_redis_keys, redis, with_redis.name)
                 await stack.enter_async_context(warm(with_redis, dsn, redis, setup))

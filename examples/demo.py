@@ -16,11 +16,14 @@ import contextlib
 import itertools
 import os
 import random
+import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +32,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-
-try:  # python examples/demo.py
-    from litellm_proxy import create_schema, seed
-except ImportError:  # python -m examples.demo
-    from examples.litellm_proxy import create_schema, seed
+from litellm_proxy import create_schema, seed  # run as a script: examples/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class DemoError(Exception):
+    pass
 
 
 @contextlib.contextmanager
@@ -45,7 +48,10 @@ def postgres() -> Iterator[tuple[str, str]]:
         yield url, "DATABASE_URL"
         return
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes.
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError:
         sys.exit("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[examples,embedded]'")
     with tempfile.TemporaryDirectory(prefix="asgi-warmup-demo-") as tmp:
@@ -71,10 +77,8 @@ def free_port() -> int:
         return port
 
 
-async def start_proxy(dsn: str, port: int, warm_limit: int | None) -> asyncio.subprocess.Process:
-    env = {**os.environ, "DATABASE_URL": dsn}
-    if warm_limit is not None:
-        env["ASGI_WARMUP_LIMIT"] = str(warm_limit)
+async def start_proxy(dsn: str, port: int, warm_limit: int) -> asyncio.subprocess.Process:
+    env = {**os.environ, "DATABASE_URL": dsn, "ASGI_WARMUP_LIMIT": str(warm_limit)}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "uvicorn", "examples.litellm_proxy:app", "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1", "--log-level", "warning", "--no-access-log",
@@ -86,68 +90,86 @@ async def start_proxy(dsn: str, port: int, warm_limit: int | None) -> asyncio.su
 
 async def wait_listening(proc: asyncio.subprocess.Process, port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.returncode is not None:
-            raise RuntimeError(f"uvicorn exited with code {proc.returncode} before serving (see its output above)")
+    while proc.returncode is None and time.monotonic() < deadline:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not listen on port {port} within {timeout:.0f} s") from None
             await asyncio.sleep(0.005)
             continue
         writer.close()
         await writer.wait_closed()
         return
+    raise DemoError(f"uvicorn is not serving on port {port} (exit code {proc.returncode}); see its output above")
 
 
 async def stop_proxy(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
-        proc.terminate()  # uvicorn shuts down gracefully: lifespan shutdown closes the pool
+        proc.terminate()  # graceful: the lifespan shutdown stops the warmup and closes the pool
         try:
             await asyncio.wait_for(proc.wait(), 15)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-    print(f"uvicorn stopped (exit code {proc.returncode})")
+    # uvicorn re-raises the signal it stopped on, so -SIGTERM is a clean exit.
+    clean = proc.returncode in (0, -signal.SIGTERM)
+    print("uvicorn stopped" if clean else f"uvicorn exited with code {proc.returncode}")
+
+
+def make_traffic(keys: list[str], args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(path, bearer key, valid): Zipf-drawn keys (keys come most active first), some unknown ones."""
+    # Not seeded like the keys: the same stream would draw the "unknown" keys from the real ones.
+    rng = random.Random(f"traffic {args.seed}")
+    weights = list(itertools.accumulate(1 / rank**args.zipf for rank in range(1, len(keys) + 1)))
+    traffic = []
+    for key in rng.choices(keys, cum_weights=weights, k=args.requests):
+        path = "/v1/models" if rng.random() < 0.2 else "/v1/chat/completions"
+        if rng.random() < args.invalid:
+            traffic.append((path, f"sk-{rng.getrandbits(128):032x}", False))
+        else:
+            traffic.append((path, key, True))
+    return traffic
 
 
 class Burst:
     def __init__(self, traffic: list[tuple[str, str, bool]]) -> None:
         self.traffic = traffic
-        self.results: list[tuple[int, float, float, bool]] = []  # status (0: no answer), latency, done at, valid
-        self.warm_at: float | None = None
+        self.results: list[tuple[int, float, bool]] = []  # status (0: no answer), latency, valid
+        self.sent_before_warm = 0
+        self.warm = False
 
-    async def fire(self, client: httpx.AsyncClient, concurrency: int) -> None:
+    async def fire(self, clients: list[httpx.AsyncClient]) -> None:
         requests = iter(self.traffic)  # shared by the workers: each request is sent once
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             for path, key, valid in requests:
                 headers = {"authorization": f"Bearer {key}"}
+                self.sent_before_warm += not self.warm
                 t0 = time.perf_counter()
                 try:
                     if path == "/v1/models":
                         status = (await client.get(path, headers=headers)).status_code
                     else:
-                        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
                         status = (await client.post(path, headers=headers, json=body)).status_code
                 except httpx.HTTPError as exc:
-                    print(f"  request failed: {type(exc).__name__}: {exc}")
+                    if not any(s == 0 for s, _, _ in self.results[-100:]):  # not one line per request
+                        print(f"  request failed: {type(exc).__name__}: {exc!r}")
                     status = 0
-                now = time.perf_counter()
-                self.results.append((status, now - t0, now, valid))
+                self.results.append((status, time.perf_counter() - t0, valid))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(client) for client in clients))
 
     async def watch(self, client: httpx.AsyncClient, started: float) -> None:
-        """Print progress; note when the warmup is first seen complete."""
-        last = 0.0
+        last, warm = 0.0, False
         while True:
-            status = (await client.get("/_warmup")).json()
+            try:
+                status = (await client.get("/_warmup")).json()
+            except httpx.HTTPError:
+                return  # the burst reports what went wrong
             ds, now = status["datasets"]["api_keys"], time.perf_counter()
-            if status["ready"] and self.warm_at is None:
-                self.warm_at = now
-                print(f"  {now - started:5.2f} s  warmup complete ({ds['rows']} rows); {len(self.results)} answered")
+            if status["ready"] and not warm:
+                warm = self.warm = True
+                print(f"  {now - started:5.2f} s  warmup complete: {ds['rows']} rows; {len(self.results)} answered")
             elif now - last >= 0.5:
                 last = now
                 print(
@@ -155,10 +177,6 @@ class Burst:
                     f" warmup {ds['state']} {ds['rows']}/{ds['target']} rows"
                 )
             await asyncio.sleep(0.01)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 async def run(args: argparse.Namespace, dsn: str) -> int:
@@ -176,42 +194,35 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
         finally:
             await conn.close()
         print(f"Seeded {args.keys} API keys in schema {schema} in {time.perf_counter() - t0:.2f} s")
-
-        rng = random.Random(args.seed)
-        weights = itertools.accumulate(1 / rank**args.zipf for rank in range(1, len(keys) + 1))
-        traffic = [
-            (
-                "/v1/models" if rng.random() < 0.2 else "/v1/chat/completions",
-                f"sk-{rng.getrandbits(128):032x}" if invalid else key,
-                not invalid,
-            )
-            for key in rng.choices(keys, cum_weights=list(weights), k=args.requests)
-            for invalid in [rng.random() < args.invalid]
-        ]
+        burst = Burst(make_traffic(keys, args))
 
         port = free_port()
-        t0 = time.perf_counter()
-        proc = await start_proxy(dsn, port, args.warm_limit)
-        await wait_listening(proc, port)
-        started = time.perf_counter()
-        print(f"uvicorn listening on 127.0.0.1:{port} after {started - t0:.2f} s; firing the burst now")
-        burst = Burst(traffic)
         base = f"http://127.0.0.1:{port}"
-        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        async with contextlib.AsyncExitStack() as clients:
-            client = await clients.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=60))
-            side = await clients.enter_async_context(httpx.AsyncClient(base_url=base))  # not queued behind the burst
+        async with contextlib.AsyncExitStack() as stack:
+            # One client, so one connection, per worker: a single httpx pool with 200 requests in flight
+            # spends more time managing itself than the server spends answering (encode/httpx#3215).
+            # One SSL context for all: loading the CA bundle costs ~20 ms per client.
+            tls = ssl.create_default_context()
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=base, verify=tls, timeout=60))
+                for _ in range(args.concurrency)
+            ]
+            side = await stack.enter_async_context(httpx.AsyncClient(base_url=base, verify=tls))
+            t0 = time.perf_counter()
+            proc = await start_proxy(dsn, port, args.warm_limit)
+            await wait_listening(proc, port)
+            started = time.perf_counter()
+            print(f"uvicorn listening on {base} {started - t0:.2f} s after launch; firing the burst now")
             watcher = asyncio.create_task(burst.watch(side, started))
             try:
-                await burst.fire(client, args.concurrency)
+                await burst.fire(clients)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             took = time.perf_counter() - started
             warm: dict[str, Any] = (await side.get("/_warmup")).json()
-            lookups: dict[str, int] = (await side.get("/health")).json()["key_lookups"]
-        return report(args, burst, took, warm, lookups)
+        return report(burst, took, args.concurrency, warm)
     finally:
         if proc is not None:
             await stop_proxy(proc)
@@ -219,33 +230,37 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
         await admin.close()
 
 
-def report(args: argparse.Namespace, burst: Burst, took: float, warm: dict[str, Any], lookups: dict[str, int]) -> int:
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def report(burst: Burst, took: float, concurrency: int, warm: dict[str, Any]) -> int:
     results = burst.results
-    codes = Counter(status for status, *_ in results)
-    others = {code: n for code, n in sorted(codes.items()) if code not in (200, 401)}
-    latencies = sorted(latency * 1000 for _, latency, _, _ in results)
-    warm_at = burst.warm_at if burst.warm_at is not None else float("inf")
+    codes = Counter(status for status, _, _ in results)
+    others = {code or "no answer": n for code, n in sorted(codes.items()) if code not in (200, 401)}
+    latencies = sorted(latency * 1000 for _, latency, _ in results)
     ds = warm["datasets"]["api_keys"]
-    print(f"\nResults: {len(results)} requests in {took:.2f} s ({len(results) / took:.0f} req/s)")
-    invalid_sent = sum(not valid for *_, valid in results)
+    rate = len(results) / took
+    print(f"\nResults: {len(results)} requests in {took:.2f} s ({rate:.0f} req/s, {concurrency} in flight)")
+    invalid_sent = sum(not valid for _, _, valid in results)
     print(
         f"  status codes   200: {codes[200]}   401: {codes[401]} ({invalid_sent} invalid keys sent)   other: {others}"
     )
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(f"  latency        p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {latencies[-1]:.1f} ms")
-    before_warm = sum(done < warm_at for _, _, done, _ in results)
-    print(f"  during warmup  {before_warm} of {len(results)} requests answered before the warmup was seen complete")
+    print(f"  during warmup  {burst.sent_before_warm} of {len(results)} requests were sent before the warmup finished")
     error = f"   last error: {ds['last_error']}" if ds["last_error"] else ""
     print(f"  warmup         {ds['state']}: {ds['rows']} of {ds['target']} rows in {ds['elapsed']:.2f} s{error}")
+    distinct = len({key for _, key, _ in burst.traffic})
     print(
-        f"  database       {lookups['misses']} requests missed the in-process cache ->"
+        f"  database       {len(results)} requests over {distinct} distinct keys ->"
         f" {ds['queries']} lookup queries to PostgreSQL"
     )
     problems = {
-        "answered with a 5xx": sum(status >= 500 for status, *_ in results),
+        "answered with a 5xx": sum(status >= 500 for status, _, _ in results),
         "got no answer": codes[0],
-        "with a valid key refused (401)": sum(status == 401 and valid for status, _, _, valid in results),
-        "with an invalid key accepted (200)": sum(status == 200 and not valid for status, _, _, valid in results),
+        "with a valid key refused (401)": sum(status == 401 and valid for status, _, valid in results),
+        "with an invalid key accepted (200)": sum(status == 200 and not valid for status, _, valid in results),
     }
     failed = {what: n for what, n in problems.items() if n}
     for what, n in failed.items():
@@ -263,21 +278,26 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, help="requests in flight at once (default 200)")
     parser.add_argument("--invalid", type=float, default=0.05, help="share of unknown keys (default 0.05)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of key popularity (default 1.0)")
-    parser.add_argument("--warm-limit", type=int, help="rows to warm (ASGI_WARMUP_LIMIT; default: the package's)")
+    parser.add_argument("--warm-limit", type=int, help="rows to warm (ASGI_WARMUP_LIMIT; default: all the keys)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows up in CI logs too
     quick = args.quick
     args.keys = args.keys or (2000 if quick else 20_000)
     args.requests = args.requests or (500 if quick else 5000)
     args.concurrency = args.concurrency or (50 if quick else 200)
+    args.warm_limit = args.keys if args.warm_limit is None else args.warm_limit
     try:
         with postgres() as (dsn, where):
             print(
                 f"asgi-warmup demo: {args.keys} keys, {args.requests} requests, {args.concurrency} concurrent; {where}"
             )
             return asyncio.run(run(args, dsn))
+    except DemoError as exc:
+        print(f"Demo failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("Interrupted: uvicorn and PostgreSQL stopped", file=sys.stderr)
+        print("Interrupted: stopped what the demo started", file=sys.stderr)
         return 130
 
 
