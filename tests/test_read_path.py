@@ -192,6 +192,7 @@ async def test_a_key_the_database_rejects_fails_alone(table, counted) -> None:
         results = await asyncio.gather(*(ds.get(i) for i in ids), ds.get("not-a-uuid"), return_exceptions=True)
         assert [r["n"] for r in results[:3]] == [1, 2, 3]
         assert isinstance(results[3], LookupFailedError)
+        assert isinstance(results[3].__cause__, asyncpg.DataError)
 
 
 async def test_a_load_nobody_waits_for_any_more_still_completes(started) -> None:

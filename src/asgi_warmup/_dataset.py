@@ -265,7 +265,9 @@ class PostgresDataset:
             records = await runtime.fetch(self.lookup_sql, keys)
         except asyncpg.DataError as exc:
             if len(keys) == 1:
-                return {keys[0]: LookupFailedError(self.name, 1, exc)}
+                failed = LookupFailedError(self.name, 1, exc)
+                failed.__cause__ = exc
+                return {keys[0]: failed}
             half = len(keys) // 2
             first = await self._query(runtime, keys[:half])
             first.update(await self._query(runtime, keys[half:]))

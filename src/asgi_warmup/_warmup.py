@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, TypedDict, Union
+from typing import Any, TypedDict, TypeVar, Union
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -20,6 +20,7 @@ from ._dataset import DatasetStatus, PostgresDataset
 from ._errors import BAD_DSN, NO_DSN, ConfigError, NotStartedError
 
 logger = logging.getLogger("asgi_warmup")
+T = TypeVar("T")
 
 PoolSource = Union[asyncpg.Pool, Callable[[], Union[asyncpg.Pool, Awaitable[asyncpg.Pool]]]]  # noqa: UP007 (3.10 runtime)
 
@@ -147,8 +148,10 @@ class Runtime:
 
     def start_warmup(self) -> None:
         for ds in self.datasets:
-            ds._status["state"] = "pending" if self._warms(ds) else "disabled"
-            ds._status["target"] = self._limit(ds) if self._warms(ds) else 0
+            if self._warms(ds):
+                ds._status.update({"state": "pending", "target": self._limit(ds)})
+            else:
+                ds._status.update({"state": "disabled", "target": 0})
         # Keep a hard reference: the loop keeps only weak ones.
         self._task = asyncio.get_running_loop().create_task(self._background(), name="asgi-warmup")
 
@@ -159,33 +162,24 @@ class Runtime:
     # -- the background task ---------------------------------------------------------------
 
     async def _background(self) -> None:
+        warming = [ds for ds in self.datasets if self._warms(ds)]
         try:
-            attempt = 0
-            while True:
-                try:
-                    if not self._validated:
-                        await self._validate()
-                    await self._warm_pool()
-                    break
-                except TRANSIENT as exc:
-                    attempt += 1
-                    delay = _backoff(attempt)
-                    for ds in self.datasets:
-                        if ds._status["state"] == "pending":
-                            ds._status["last_error"] = f"{type(exc).__name__}: {exc}"
-                    logger.warning("Database unreachable (%s: %s): retrying in %.1f s", type(exc).__name__, exc, delay)
-                    await asyncio.sleep(delay)
-                except Exception as exc:
-                    for ds in self.datasets:
-                        if self._warms(ds):
-                            ds._status["state"], ds._status["last_error"] = "failed", f"{type(exc).__name__}: {exc}"
-                    logger.error("Cache warmup failed: %s", exc)
-                    return
-            for ds in self.datasets:
-                if self._warms(ds):
-                    await self._warm_dataset(ds)
+            try:
+                await self._retrying("Database", self._prepare, warming)
+            except Exception as exc:
+                for ds in warming:
+                    _failed(ds, exc)
+                logger.error("Cache warmup failed: %s: %s", type(exc).__name__, exc)
+                return
+            for ds in warming:
+                await self._warm_dataset(ds)
         finally:
             self._warm_done.set()
+
+    async def _prepare(self) -> None:
+        if not self._validated:
+            await self._validate()
+        await self._warm_pool()
 
     async def _warm_pool(self) -> None:
         """Open the pool's connections and prepare the lookups, so the first request pays neither."""
@@ -203,31 +197,40 @@ class Runtime:
 
     async def _warm_dataset(self, ds: PostgresDataset) -> None:
         limit = self._limit(ds)
-        status = ds._status
-        attempt = 0
         ds._warm_started = started = time.monotonic()
         logger.info("Cache warmup started: %s, %d rows", ds.name, limit)
+
+        async def warm() -> int:
+            ds._status["state"] = "warming"
+            async with self._require_pool().acquire() as conn:
+                return await ds._warm(self, conn, limit)
+
+        try:
+            rows = await self._retrying(f"Cache warmup of {ds.name}", warm, [ds])
+        except Exception as exc:
+            _failed(ds, exc)
+            ds._status["elapsed"] = round(time.monotonic() - started, 3)
+            logger.error("Cache warmup failed: %s: %s: %s", ds.name, type(exc).__name__, exc)
+            return
+        elapsed = time.monotonic() - started
+        ds._status.update({"state": "warm", "rows": rows, "elapsed": round(elapsed, 3)})
+        logger.info("Cache warmup complete: %s, %d rows in %.2f s", ds.name, rows, elapsed)
+
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[T]], datasets: list[PostgresDataset]) -> T:
+        """Run ``step`` until it succeeds, backing off while the database is unreachable."""
+        attempt = 0
         while True:
-            status["state"] = "warming"
             try:
-                async with self._require_pool().acquire() as conn:
-                    rows = await ds._warm(self, conn, limit)
+                return await step()
             except TRANSIENT as exc:
                 attempt += 1
                 delay = _backoff(attempt)
-                status["state"], status["last_error"] = "retrying", f"{type(exc).__name__}: {exc}"
-                logger.warning("Cache warmup of %s interrupted (%s): retrying in %.1f s", ds.name, exc, delay)
+                for ds in datasets:
+                    if ds._status["state"] == "warming":
+                        ds._status["state"] = "retrying"
+                    ds._status["last_error"] = f"{type(exc).__name__}: {exc}"
+                logger.warning("%s unreachable (%s: %s): retrying in %.1f s", what, type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
-                continue
-            except Exception as exc:
-                status["state"], status["last_error"] = "failed", f"{type(exc).__name__}: {exc}"
-                status["elapsed"] = round(time.monotonic() - started, 3)
-                logger.error("Cache warmup failed: %s: %s: %s", ds.name, type(exc).__name__, exc)
-                return
-            elapsed = time.monotonic() - started
-            status["state"], status["rows"], status["elapsed"] = "warm", rows, round(elapsed, 3)
-            logger.info("Cache warmup complete: %s, %d rows in %.2f s", ds.name, rows, elapsed)
-            return
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -311,6 +314,10 @@ async def _check(conn: PoolConnectionProxy[asyncpg.Record], ds: PostgresDataset)
                 f"dataset {ds.name!r}: the {what} query must take exactly one parameter, $1 ({what_is_1}). "
                 f"The query was: {sql}"
             )
+
+
+def _failed(ds: PostgresDataset, exc: BaseException) -> None:
+    ds._status.update({"state": "failed", "last_error": f"{type(exc).__name__}: {exc}"})
 
 
 def _close_orphan(attempt: asyncio.Task[asyncpg.Connection]) -> None:
