@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 
@@ -244,3 +245,66 @@ async def test_own_connections_are_named_for_operators(table) -> None:
     async with driver.state["asgi_warmup"].pool.acquire() as conn:
         assert await conn.fetchval("SELECT current_setting('application_name')") == "asgi-warmup"
     await driver.shutdown()
+
+
+@pytest.mark.parametrize("factory", ["sync", "async"])
+async def test_pool_factory_adopts_the_pool_the_app_opened_in_its_own_startup(
+    table, database_url, factory, monkeypatch
+) -> None:
+    # No DATABASE_URL: the middleware must not try to open a pool of its own.
+    monkeypatch.delenv("DATABASE_URL")
+    opened: dict[str, asyncpg.Pool] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with asyncpg.create_pool(database_url, min_size=1, max_size=3) as pool:
+            opened["pool"] = pool
+            yield
+
+    async def async_factory() -> asyncpg.Pool:
+        return opened["pool"]
+
+    ds = table.dataset(limit=20)
+    source = (lambda: opened["pool"]) if factory == "sync" else async_factory
+    async with LifespanManager(WarmupMiddleware(Starlette(lifespan=lifespan), datasets=[ds], pool=source)):
+        await wait_for(lambda: ds.status()["state"] == "warm")
+        assert (await ds.get("k150"))["n"] == 150
+
+
+async def test_an_adopted_pool_is_never_closed(table, counted) -> None:
+    pool, _ = counted
+    ds = table.dataset(limit=5)
+    async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], pool=pool)):
+        await wait_for(lambda: ds.status()["state"] == "warm")
+    assert not pool.is_closing()
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_a_batch_window_collects_misses_across_ticks(table, counted) -> None:
+    pool, cls = counted
+    ds = table.dataset(limit=0, batch_window=0.05)
+    async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], pool=pool)):
+        tasks = []
+        for i in range(1, 6):
+            tasks.append(asyncio.ensure_future(ds.get(f"k{i}")))
+            await asyncio.sleep(0)  # each miss in its own loop tick
+        rows = await asyncio.gather(*tasks)
+        assert [r["n"] for r in rows] == [1, 2, 3, 4, 5]
+        assert lookups(cls, ds) == [(["k1", "k2", "k3", "k4", "k5"],)]
+
+
+async def test_max_entries_bounds_the_cache_and_the_warmup(table, counted) -> None:
+    pool, cls = counted
+    ds = table.dataset(limit=100, max_entries=30)
+    async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], pool=pool)):
+        await wait_for(lambda: ds.status()["state"] == "warm")
+        # The warmup stops at the bound instead of evicting its own hottest rows.
+        assert (ds.status()["rows"], ds.status()["target"]) == (30, 30)
+        assert [(await ds.get(f"k{i}"))["n"] for i in range(1, 31)] == list(range(1, 31))
+        assert lookups(cls, ds) == []
+        # Past the bound, the oldest-written entry makes room.
+        await ds.get("k31")
+        await ds.get("k2")
+        await ds.get("k1")
+        assert lookups(cls, ds) == [(["k31"],), (["k1"],)]

@@ -381,8 +381,8 @@ class PostgresDataset:
         self._loader = Loader(
             self._fetch, max_batch=self.max_batch, max_queries=max_queries, window=self.batch_window
         )
-        self._capacity = self.max_entries if self.max_entries is not None else max(_MIN_CAPACITY, 2 * warm_limit)
-        self._capacity = max(self._capacity, 1)
+        capacity = self.max_entries if self.max_entries is not None else max(_MIN_CAPACITY, 2 * warm_limit)
+        self._capacity = max(capacity, 1)
         self._status = _idle()
         self._warm_started = None
         self._queries = 0

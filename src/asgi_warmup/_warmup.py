@@ -272,7 +272,9 @@ class Runtime:
     # -- helpers ---------------------------------------------------------------------------
 
     def _limit(self, ds: PostgresDataset) -> int:
-        return ds.limit if ds.limit is not None else self.settings.limit
+        limit = ds.limit if ds.limit is not None else self.settings.limit
+        # Warming past max_entries would evict the hottest rows to make room for colder ones.
+        return limit if ds.max_entries is None else min(limit, ds.max_entries)
 
     def _warms(self, ds: PostgresDataset) -> bool:
         return self.settings.enabled and ds.warm_sql is not None and self._limit(ds) > 0
