@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from asgi_warmup import PostgresDataset
+from helpers import Gate
 
 pytest_plugins = ["anyio"]
 
@@ -77,6 +78,19 @@ def redis_cache(url: str) -> object:
     return RedisCache(endpoint=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, db=db, namespace="test")
 
 
+@pytest.fixture
+async def counted(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, type]]:
+    """A pool whose connections record every fetch (the lookups), passed to the middleware with pool=."""
+    from helpers import counting_connection_class
+
+    cls = counting_connection_class()
+    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=10, connection_class=cls)
+    try:
+        yield pool, cls
+    finally:
+        await pool.close()
+
+
 class Table:
     """A fresh table of ``n`` keys, ``k1``..``kN``, with ``hits`` = N - i so that k1 is the hottest."""
 
@@ -97,6 +111,13 @@ class Table:
     def dataset(self, **options: object) -> PostgresDataset:
         options.setdefault("order_by", "hits DESC")
         return PostgresDataset(self.name, table=self.name, key="token", **options)  # type: ignore[arg-type]
+
+    def gated_dataset(self, gate: Gate, **options: object) -> PostgresDataset:
+        """A dataset whose warmup blocks in PostgreSQL until ``gate.open()``; lookups run freely."""
+        lookup = f'SELECT * FROM "{self.name}" WHERE token = ANY($1)'
+        return PostgresDataset(
+            self.name, key="token", warm_query=gate.warm_query(self.name), lookup_query=lookup, **options  # type: ignore[arg-type]
+        )
 
 
 @pytest.fixture

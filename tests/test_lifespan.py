@@ -11,7 +11,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
-from asgi_warmup import NotStartedError, PostgresDataset, WarmupMiddleware
+from asgi_warmup import NotStartedError, WarmupMiddleware
 from asgi_warmup._errors import LIFESPAN_NEVER_RAN
 from helpers import Gate, LifespanDriver, wait_for
 
@@ -108,8 +108,7 @@ async def test_inner_shutdown_failure_forwarded(table) -> None:
 async def test_startup_complete_is_sent_before_the_warmup_finishes(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, table=None, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     driver = LifespanDriver(WarmupMiddleware(Starlette(), datasets=[ds]))
     try:
         assert await driver.startup() == {"type": "lifespan.startup.complete"}
@@ -130,8 +129,7 @@ async def test_startup_complete_is_sent_before_the_warmup_finishes(table, databa
 async def test_shutdown_while_warmup_runs_cancels_cleanly(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     driver = LifespanDriver(WarmupMiddleware(Starlette(), datasets=[ds]))
     try:
         await driver.startup()
@@ -175,8 +173,7 @@ async def test_startup_wait_holds_startup_until_warm(table) -> None:
 async def test_startup_wait_gives_up_after_its_timeout(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     driver = LifespanDriver(WarmupMiddleware(Starlette(), datasets=[ds], startup_wait=0.2))
     try:
         assert await driver.startup() == {"type": "lifespan.startup.complete"}

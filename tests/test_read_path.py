@@ -13,20 +13,9 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from asgi_warmup import ConfigError, LookupFailedError, PostgresDataset, WarmupMiddleware
-from helpers import Gate, LifespanDriver, counting_connection_class, wait_for
+from helpers import Gate, LifespanDriver, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def counted(database_url) -> AsyncIterator[tuple[asyncpg.Pool, type]]:
-    """A pool whose connections record every fetch, passed to the middleware with pool=."""
-    cls = counting_connection_class()
-    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=10, connection_class=cls)
-    try:
-        yield pool, cls
-    finally:
-        await pool.close()
 
 
 def lookups(cls: type, ds: PostgresDataset) -> list[tuple]:
@@ -211,8 +200,7 @@ async def test_a_load_nobody_waits_for_any_more_still_completes(started) -> None
 async def test_misses_are_answered_while_the_warmup_holds_its_connection(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     # Two connections: the warmup holds one (blocked on the gate), misses get the other.
     try:
         async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], pool_size=2)):

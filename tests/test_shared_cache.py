@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from asgi_warmup import WarmupMiddleware
 from asgi_warmup._codec import decode, encode
 from conftest import redis_cache
-from helpers import counting_connection_class, wait_for
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -76,16 +76,6 @@ async def test_values_survive_a_real_redis_round_trip(redis) -> None:
     await shared.set_many("types", [("sk-1", ROW, 4e9), ("absent", None, 4e9)], ttl=60)
     found = await shared.get_many("types", ["sk-1", "absent", "unknown"])
     assert found == {"sk-1": (ROW, 4e9), "absent": (None, 4e9)}
-
-
-@pytest.fixture
-async def counted(database_url) -> AsyncIterator[tuple[asyncpg.Pool, type]]:
-    cls = counting_connection_class()
-    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=4, connection_class=cls)
-    try:
-        yield pool, cls
-    finally:
-        await pool.close()
 
 
 async def test_a_second_replica_reads_what_the_first_warmed_without_a_query(table, redis, counted) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -17,19 +16,9 @@ from starlette.applications import Starlette
 from asgi_warmup import LookupFailedError, PostgresDataset, WarmupMiddleware
 from asgi_warmup import _dataset as dataset_module
 from asgi_warmup._codec import decode
-from helpers import Gate, counting_connection_class, wait_for
+from helpers import Gate, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def counted(database_url) -> AsyncIterator[tuple[asyncpg.Pool, type]]:
-    cls = counting_connection_class()
-    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=6, connection_class=cls)
-    try:
-        yield pool, cls
-    finally:
-        await pool.close()
 
 
 def looked_up(cls: type, ds: PostgresDataset) -> list[str]:
@@ -231,8 +220,7 @@ def _two_waiters(gate: Gate):  # type: ignore[no-untyped-def]
 async def test_a_warm_read_before_invalidate_is_not_stored_after_it(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     try:
         async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds])):
             await wait_for(gate.waiting)  # the warm cursor is open: its snapshot has k1 with n=1
@@ -251,8 +239,7 @@ async def test_a_warm_read_before_invalidate_is_not_stored_after_it(table, datab
 async def test_an_older_read_does_not_overwrite_a_newer_one(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)')
+    ds = table.gated_dataset(gate)
     try:
         async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds])):
             await wait_for(gate.waiting)  # the warm read k5 as n=5

@@ -229,8 +229,7 @@ async def test_database_outage_while_serving_fails_reads_cleanly_and_recovers(ta
 async def test_status_route_reports_progress_and_readiness(table, database_url) -> None:
     gate = Gate(database_url)
     await gate.close_gate()
-    ds = PostgresDataset(table.name, key="token", warm_query=gate.warm_query(table.name),
-                         lookup_query=f'SELECT * FROM "{table.name}" WHERE token = ANY($1)', limit=100)
+    ds = table.gated_dataset(gate, limit=100)
     app = WarmupMiddleware(Starlette(), datasets=[ds], status_path="/_warmup", status_503_until_warm=True)
     try:
         async with LifespanManager(app) as manager:
