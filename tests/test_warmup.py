@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_warmup import LookupFailedError, PostgresDataset, WarmupMiddleware
+from asgi_warmup import ConfigError, LookupFailedError, PostgresDataset, WarmupMiddleware
 from asgi_warmup import _warmup as warmup_module
 from helpers import Gate, LifespanDriver, TcpProxy, wait_for
 
@@ -274,3 +274,30 @@ async def test_lifecycle_is_logged_in_short_lines(table, caplog) -> None:
     messages = [r.getMessage() for r in caplog.records if r.name == "asgi_warmup"]
     assert messages[0] == f"Cache warmup started: {table.name}, 30 rows"
     assert messages[1].startswith(f"Cache warmup complete: {table.name}, 30 rows in ")
+
+
+@pytest.mark.parametrize(("warm_connections", "warming_at_once"), [(1, 1), (2, 2)])
+async def test_warmup_holds_at_most_warm_connections(table, database_url, warm_connections, warming_at_once) -> None:
+    gate = Gate(database_url)
+    await gate.close_gate()
+    first = table.gated_dataset(gate)
+    second = PostgresDataset("second", key="token", warm_query=first.warm_sql, lookup_query=first.lookup_sql)
+    app = WarmupMiddleware(Starlette(), datasets=[first, second], warm_connections=warm_connections, pool_size=3)
+    try:
+        async with LifespanManager(app):
+            await wait_for(gate.waiting)
+            await wait_for(lambda: sum(ds.status()["state"] == "warming" for ds in (first, second)) == warming_at_once)
+            states = sorted(ds.status()["state"] for ds in (first, second))
+            assert states == (["warming", "warming"] if warming_at_once == 2 else ["pending", "warming"])
+            # Misses still have a connection the warmup does not hold.
+            assert (await first.get("k42"))["n"] == 42
+            await gate.open()
+            await wait_for(lambda: app.status()["ready"])
+    finally:
+        await gate.open()
+
+
+def test_pool_must_leave_room_for_misses() -> None:
+    ds = PostgresDataset("users", table="users", key="id")
+    with pytest.raises(ConfigError, match=r"pool_size=2 is not valid: use a whole number > warm_connections \(2\)"):
+        WarmupMiddleware(Starlette(), datasets=[ds], pool_size=2, warm_connections=2)

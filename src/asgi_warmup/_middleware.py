@@ -35,6 +35,7 @@ class WarmupMiddleware:
         pool: PoolSource | None = None,
         cache: Any = None,
         pool_size: int = 10,
+        warm_connections: int = 1,
         startup_wait: float | None = None,
         status_path: str | None = None,
         status_503_until_warm: bool = False,
@@ -47,8 +48,13 @@ class WarmupMiddleware:
             raise ConfigError(f"dataset names must be unique, got {names}")
         if dsn is not None and pool is not None:
             raise ConfigError("pass dsn= or pool=, not both: with pool= the middleware opens no connection of its own")
-        if not isinstance(pool_size, int) or pool_size < 2:
-            raise ConfigError(f"pool_size={pool_size!r} is not valid: use a whole number >= 2 (one warms, others read)")
+        if not isinstance(warm_connections, int) or warm_connections < 1:
+            raise ConfigError(f"warm_connections={warm_connections!r} is not valid: use a whole number >= 1")
+        if not isinstance(pool_size, int) or pool_size <= warm_connections:
+            raise ConfigError(
+                f"pool_size={pool_size!r} is not valid: use a whole number > warm_connections ({warm_connections}), "
+                "so that misses always have a connection the warmup does not hold"
+            )
         if startup_wait is not None and not startup_wait >= 0:
             raise ConfigError(f"startup_wait={startup_wait!r} is not valid: use seconds >= 0, or None not to wait")
         if status_path is not None and not status_path.startswith("/"):
@@ -59,6 +65,7 @@ class WarmupMiddleware:
         self.pool = pool
         self.cache = cache
         self.pool_size = pool_size
+        self.warm_connections = warm_connections
         self.startup_wait = startup_wait
         self.status_path = status_path
         self.status_503_until_warm = status_503_until_warm
@@ -88,7 +95,7 @@ class WarmupMiddleware:
         try:
             runtime = Runtime(
                 self.datasets, read_settings(), dsn=self.dsn, pool=self.pool,
-                pool_size=self.pool_size, cache=self.cache,
+                pool_size=self.pool_size, warm_connections=self.warm_connections, cache=self.cache,
             )
         except ConfigError as exc:
             await _fail_startup(send, exc)

@@ -58,6 +58,7 @@ class Runtime:
         dsn: str | None,
         pool: PoolSource | None,
         pool_size: int,
+        warm_connections: int = 1,
         cache: Any,
     ) -> None:
         self.datasets = list(datasets)
@@ -68,6 +69,7 @@ class Runtime:
         self._dsn = dsn or settings.database_url
         self._dsn_source = "dsn=" if dsn else "DATABASE_URL"
         self._pool_size = pool_size
+        self._warm_connections = warm_connections
         self.shared = SharedCache(cache) if cache is not None else None
         self._validated = False
         self._task: asyncio.Task[None] | None = None
@@ -171,8 +173,14 @@ class Runtime:
                     _failed(ds, exc)
                 logger.error("Cache warmup failed: %s: %s", type(exc).__name__, exc)
                 return
-            for ds in warming:
-                await self._warm_dataset(ds)
+            # At most warm_connections datasets warm at once: the rest of the pool serves misses.
+            slots = asyncio.Semaphore(self._warm_connections)
+
+            async def warm(ds: PostgresDataset) -> None:
+                async with slots:
+                    await self._warm_dataset(ds)
+
+            await asyncio.gather(*(warm(ds) for ds in warming))
         finally:
             self._warm_done.set()
 
@@ -281,8 +289,8 @@ class Runtime:
 
     def _max_queries(self) -> int:
         size = self.pool.get_max_size() if self.pool is not None else self._pool_size
-        # One connection stays for the warmup; the rest serve misses.
-        return max(1, size - 1)
+        # The warmup's connections stay its own; the rest serve misses.
+        return max(1, size - self._warm_connections)
 
     def _require_pool(self) -> asyncpg.Pool:
         if self.pool is None:
