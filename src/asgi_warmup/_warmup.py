@@ -72,6 +72,7 @@ class Runtime:
         self._warm_connections = warm_connections
         self.shared = SharedCache(cache) if cache is not None else None
         self._validated = False
+        self._prepared = False
         self._task: asyncio.Task[None] | None = None
         self._warm_done = asyncio.Event()
         self._connecting: set[asyncio.Task[asyncpg.Connection]] = set()
@@ -118,7 +119,12 @@ class Runtime:
             raise
 
     async def ready(self) -> None:
-        """After the app's startup: adopt the app's pool if given as a factory, check the queries."""
+        """After the app's startup: adopt the app's pool if given as a factory, check the queries,
+        open the pool's connections and prepare the lookups, all bounded by PROBE_TIMEOUT.
+
+        This costs a few connection set-ups, whatever the warm size, and the first request then
+        pays no connect or prepare; if the database is unreachable, the background task does it.
+        """
         source = self._pool_source
         if source is not None and self.pool is None:
             pool = source if isinstance(source, asyncpg.Pool) else source()
@@ -131,7 +137,7 @@ class Runtime:
                 if ds._loader is not None:
                     ds._loader.max_queries = self._max_queries()
         try:
-            await asyncio.wait_for(self._validate(), PROBE_TIMEOUT)
+            await asyncio.wait_for(self._prepare(), PROBE_TIMEOUT)
         except TRANSIENT as exc:
             logger.warning(
                 "Database unreachable at startup (%s: %s): serving anyway, warmup will retry",
@@ -147,6 +153,12 @@ class Runtime:
         except _CONFIG as exc:
             raise ConfigError(BAD_DSN.format(source=self._dsn_source, cause=exc)) from exc
         self._validated = True
+
+    async def _prepare(self) -> None:
+        if not self._validated:
+            await self._validate()
+        await self._warm_pool()
+        self._prepared = True
 
     def start_warmup(self) -> None:
         for ds in self.datasets:
@@ -167,7 +179,8 @@ class Runtime:
         warming = [ds for ds in self.datasets if self._warms(ds)]
         try:
             try:
-                await self._retrying("Database", self._prepare, warming)
+                if not self._prepared:
+                    await self._retrying("Database", self._prepare, warming)
             except Exception as exc:
                 for ds in warming:
                     _failed(ds, exc)
@@ -183,11 +196,6 @@ class Runtime:
             await asyncio.gather(*(warm(ds) for ds in warming))
         finally:
             self._warm_done.set()
-
-    async def _prepare(self) -> None:
-        if not self._validated:
-            await self._validate()
-        await self._warm_pool()
 
     async def _warm_pool(self) -> None:
         """Open the pool's connections and prepare the lookups, so the first request pays neither."""
