@@ -293,3 +293,18 @@ async def test_no_get_returns_a_value_older_than_an_invalidate_completed_before_
                 assert (await ds.get(key))["n"] >= floor[key]
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("negative_ttl", [30, 0])
+async def test_a_refresh_that_finds_the_row_gone_stops_serving_it(table, counted, monkeypatch, negative_ttl) -> None:
+    clock = Clock(monkeypatch)
+    pool, cls = counted
+    ds = table.dataset(limit=0, ttl=100, early_refresh=1.0, negative_ttl=negative_ttl)
+    async with LifespanManager(WarmupMiddleware(Starlette(), datasets=[ds], pool=pool)):
+        assert (await ds.get("k4"))["n"] == 4
+        await table.execute(f"DELETE FROM \"{table.name}\" WHERE token = 'k4'")
+        await _in_refresh_window(ds, "k4", clock)
+        assert (await ds.get("k4"))["n"] == 4  # served while the refresh runs
+        await wait_for(lambda: len(looked_up(cls, ds)) == 2 and not ds._loader.loading("k4"))
+        assert await ds.get("k4") is None
+        assert len(looked_up(cls, ds)) == (2 if negative_ttl else 3)
