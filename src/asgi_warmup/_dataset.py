@@ -249,7 +249,9 @@ class PostgresDataset:
         cost = _monotonic() - t0
         read = [(key, rows.setdefault(key, None)) for key in keys]
         # A key that failed alone has an exception for a value: never cached.
-        writes = self._store_read([kv for kv in read if not isinstance(kv[1], BaseException)], cost, started)
+        writes = self._store_read(
+            [kv for kv in read if not isinstance(kv[1], BaseException)], cost, started, share=runtime.shared is not None
+        )
         if runtime.shared is not None and writes:
             await runtime.shared.set_many(self.name, writes, self._backend_ttl())
         return rows
@@ -292,10 +294,10 @@ class PostgresDataset:
             self._invalidated.clear()
 
     def _store_read(
-        self, rows: Iterable[tuple[Hashable, Row | None]], cost: float, started: int
+        self, rows: Iterable[tuple[Hashable, Row | None]], cost: float, started: int, *, share: bool
     ) -> list[tuple[Hashable, Row | None, float]]:
         """Store values just read from the database (a read that began at tick ``started`` and took
-        ``cost`` seconds); return (key, row, wall-clock expiry) for those stored, to share.
+        ``cost`` seconds); with ``share``, return (key, row, wall-clock expiry) of those stored.
 
         One loop for a whole batch: the warmup's speed is this loop's speed.
         """
@@ -335,7 +337,8 @@ class PostgresDataset:
                 expires_at = now + life
                 refresh_at = expires_at + early * log(1.0 - rand()) if early else expires_at
                 entries[key] = (row, refresh_at, expires_at, started)
-            stored.append((key, row, wall + life))
+            if share:
+                stored.append((key, row, wall + life))
         return stored
 
     def _store_shared(self, key: Hashable, row: Row | None, expires_at: float, started: int) -> None:
@@ -381,7 +384,9 @@ class PostgresDataset:
                     paused = gc.isenabled()
                     gc.disable()
                     try:
-                        writes = self._store_read(((r[name], dict(r)) for r in records), cost, started)
+                        writes = self._store_read(
+                            ((r[name], dict(r)) for r in records), cost, started, share=shared is not None
+                        )
                     finally:
                         if paused:
                             gc.enable()
