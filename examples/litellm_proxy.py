@@ -165,9 +165,9 @@ def create_app(
     Nothing connects here: the middleware opens its pool at lifespan startup (dsn None -> DATABASE_URL).
     """
     # One dataset per app: a dataset belongs to the one middleware that runs it.
-    api_keys = PostgresDataset(
-        "api_keys", key="token", warm_query=WARM_QUERY, lookup_query=LOOKUP_QUERY, **dataset_options
-    )
+    dataset_options.setdefault("warm_query", WARM_QUERY)
+    dataset_options.setdefault("lookup_query", LOOKUP_QUERY)
+    api_keys = PostgresDataset("api_keys", key="token", **dataset_options)
     inner = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),

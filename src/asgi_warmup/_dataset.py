@@ -33,6 +33,9 @@ State = Literal["idle", "pending", "warming", "retrying", "warm", "failed", "dis
 # result; past this many, every read in flight is treated as stale instead.
 _MAX_INVALIDATION_MARKS = 100_000
 _MIN_CAPACITY = 100_000
+_FIRST_WARM_BATCH = 100
+_BUSY_LAG = 0.002
+_MAX_BACKOFF = 0.05
 
 
 class DatasetStatus(TypedDict):
@@ -371,9 +374,12 @@ class PostgresDataset:
             started = self._tick()
             try:
                 cursor = await conn.cursor(self.warm_sql, limit)
+                # A small first batch lands the very hottest rows one round trip after startup.
+                batch = min(_FIRST_WARM_BATCH, self.warm_batch_size)
                 while done < limit:
                     t0 = _monotonic()
-                    records = await cursor.fetch(min(self.warm_batch_size, limit - done))
+                    records = await cursor.fetch(min(batch, limit - done))
+                    batch = self.warm_batch_size
                     if not records:
                         break
                     cost = _monotonic() - t0
@@ -394,8 +400,7 @@ class PostgresDataset:
                         await shared.set_many(self.name, writes, self._backend_ttl())
                     done += len(records)
                     self._status["rows"] = done
-                    # Let requests run between batches.
-                    await asyncio.sleep(0)
+                    await _yield_to_requests()
             finally:
                 self._end_read()
         return done
@@ -439,6 +444,25 @@ class PostgresDataset:
     def queries(self) -> int:
         """Lookup queries this dataset has sent to PostgreSQL since its lifespan started."""
         return self._queries
+
+
+async def _yield_to_requests() -> None:
+    """Between warm batches: let requests run, and pause while the event loop is behind.
+
+    Under load, decoding and storing rows competes with requests for the one event loop. When a
+    turn of the loop takes longer than _BUSY_LAG, requests are queueing: the warmup backs off for
+    as long as the loop was behind (at most _MAX_BACKOFF per batch), so misses, which cost one
+    batched query, stay cheap while the cache fills. An idle server warms at full speed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _MAX_BACKOFF
+    while True:
+        before = loop.time()
+        await asyncio.sleep(0)
+        behind = loop.time() - before
+        if behind < _BUSY_LAG or loop.time() >= deadline:
+            return
+        await asyncio.sleep(behind)
 
 
 def _idle() -> DatasetStatus:

@@ -1,10 +1,11 @@
-"""Single-flight, self-batching loads of missing keys (DataLoader-style, without a timer).
+"""Single-flight, self-batching loads of missing keys (DataLoader-style, paced by the database).
 
 Every key being loaded has one future; every caller asking for it waits on that future. New
-keys go to a pending set. While fewer than ``max_queries`` queries run, the pending set is
-flushed on the next loop tick (or after ``window`` seconds), up to ``max_batch`` keys per query;
-when the bound is reached, keys keep collecting and each finishing query takes the next batch
-with it. Light load costs one key per query and no added wait; a herd costs a few big queries.
+keys go to a pending set, which is sent as one query (up to ``max_batch`` keys) on the next loop
+tick — but no sooner than half a typical lookup time after the previous query, and never with
+``max_queries`` already running. So about two lookups are in flight at a time, staggered: a miss
+waits at most half a lookup for its query, and everything that misses meanwhile rides along.
+Light load costs one key per query and no added wait; a herd costs a few big queries.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
+
+# Aim for about this many lookups in flight: a new one may start every typical_lookup / PACE.
+PACE = 2
+# However slow the database gets, a miss never waits longer than this for its query to start.
+MAX_SPACING = 0.02
 
 Fetch = Callable[[list[Hashable]], Awaitable[Mapping[Hashable, Any]]]
 # Per-key failure inside an otherwise good batch: fetch maps the key to an exception instance.
@@ -34,6 +40,12 @@ class Loader:
         self._running = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._typical: float | None = None  # moving average of lookup durations, seconds
+        self._last_dispatch = float("-inf")
+
+    def observe(self, seconds: float) -> None:
+        """Learn how long a lookup takes (from the pool warm-up at startup, then from every lookup)."""
+        self._typical = seconds if self._typical is None else 0.8 * self._typical + 0.2 * seconds
 
     def load(self, key: Hashable) -> asyncio.Future[Any]:
         """The future of ``key``'s value, joining a load already pending or running."""
@@ -71,16 +83,20 @@ class Loader:
             return
         self._scheduled = True
         loop = asyncio.get_running_loop()
-        if self.window > 0:
-            loop.call_later(self.window, self._dispatch)
+        delay = self.window
+        if self._typical is not None and len(self._pending) < self.max_batch:
+            spacing = min(self._typical / PACE, MAX_SPACING)
+            delay = max(delay, self._last_dispatch + spacing - loop.time())
+        if delay > 0:
+            loop.call_later(delay, self._dispatch)
         else:
             loop.call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        while self._pending and self._running < self.max_queries:
+        pending = self._pending
+        if pending and self._running < self.max_queries:
             batch: dict[Hashable, asyncio.Future[Any]] = {}
-            pending = self._pending
             for key in pending:
                 batch[key] = pending[key]
                 if len(batch) >= self.max_batch:
@@ -88,15 +104,20 @@ class Loader:
             for key in batch:
                 del pending[key]
             self._running += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            loop = asyncio.get_running_loop()
+            self._last_dispatch = loop.time()
+            task = loop.create_task(self._run(batch))
             # Keep a hard reference: the loop keeps only weak ones.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self._schedule()
 
     async def _run(self, batch: dict[Hashable, asyncio.Future[Any]]) -> None:
         try:
             try:
+                started = asyncio.get_running_loop().time()
                 found = await self._fetch(list(batch))
+                self.observe(asyncio.get_running_loop().time() - started)
             except asyncio.CancelledError:
                 for fut in batch.values():
                     fut.cancel()
