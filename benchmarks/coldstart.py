@@ -80,15 +80,15 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+from _common import SetupError, postgres_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # examples/ is not installed: import it from the checkout, as uvicorn (started in ROOT) does.
@@ -114,10 +114,6 @@ PEERS = ("read-through", "cashews", "aiocache-stampede")
 WINDOWS: tuple[tuple[float, float], ...] = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, math.inf))
 APP = "benchmarks._coldstart.apps:create_app"
 BUCKET = 0.1  # seconds per point of the chart
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up; the message says what to fix."""
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -217,29 +213,6 @@ def median(values: Sequence[float | None]) -> float:
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, str]]:
-    """(dsn, description): DATABASE_URL if set, else an embedded server that is stopped at the end."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url, f"DATABASE_URL ({_display(url)})"
-        return
-    try:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes.
-            warnings.simplefilter("ignore")
-            from pgserver.postgres_server import get_server
-    except ImportError as exc:
-        raise SetupError("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[embedded]'") from exc
-    with tempfile.TemporaryDirectory(prefix="coldstart-pg-") as datadir:
-        print("Starting an embedded PostgreSQL (pgserver) ...", flush=True)
-        server = get_server(datadir, cleanup_mode="stop")
-        try:
-            yield server.get_uri(), "embedded (pgserver)"
-        finally:
-            server.cleanup()
 
 
 def with_params(dsn: str, **params: str) -> str:
@@ -809,14 +782,6 @@ def _num(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.0f}"
 
 
-def _display(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
@@ -870,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows up in CI logs too
     try:
-        with postgres_server() as (dsn, where):
+        with postgres_server("coldstart") as (dsn, where):
             print(
                 f"coldstart: {len(args.variants)} variants x {args.repeat}; {args.keys:,} keys; {args.rate:g} req/s "
                 f"for {args.duration:g} s; {args.connections} connections; DB round trip {args.rtt_ms:g} ms; "

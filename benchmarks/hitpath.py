@@ -30,16 +30,16 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
+from _common import SetupError, display_url, make_parent, postgres_server
 from aiocache import RedisCache, SimpleMemoryCache  # type: ignore[import-untyped]
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
@@ -55,10 +55,6 @@ WARM_TIMEOUT = 60.0
 Row = dict[str, Any]
 Get = Callable[[str], Awaitable[object]]
 Runner = Callable[[list[str]], Awaitable[None]]
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up; the message says what to fix."""
 
 
 @dataclass
@@ -155,25 +151,6 @@ def cycled(pool: Sequence[str], n: int, rng: random.Random) -> list[str]:
 # -- setup: PostgreSQL, a table, Redis, a lifespan -------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, str]]:
-    """(dsn, description): DATABASE_URL if set, else an embedded server that is stopped at the end."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url, f"DATABASE_URL ({_display(url)})"
-        return
-    try:
-        from pgserver.postgres_server import get_server
-    except ImportError as exc:
-        raise SetupError("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[embedded]'") from exc
-    with tempfile.TemporaryDirectory(prefix="hitpath-pg-") as datadir:
-        server = get_server(datadir, cleanup_mode="stop")
-        try:
-            yield server.get_uri(), "embedded (pgserver)"
-        finally:
-            server.cleanup()
-
-
 @contextlib.asynccontextmanager
 async def seeded_table(dsn: str, rows: int) -> AsyncIterator[tuple[str, list[Row]]]:
     """A fresh table of ``rows`` API-key-like rows, ``k1``..``kN``; dropped on the way out."""
@@ -211,14 +188,14 @@ async def redis_cache(url: str) -> tuple[RedisCache | None, str]:
         writer.close()
         await writer.wait_closed()
     except (OSError, asyncio.TimeoutError) as exc:
-        return None, f"no Redis reachable at {_display(url)} ({type(exc).__name__}: {exc}); set REDIS_URL"
+        return None, f"no Redis reachable at {display_url(url)} ({type(exc).__name__}: {exc}); set REDIS_URL"
     db = int((parsed.path or "/0").lstrip("/") or 0)
     cache = RedisCache(endpoint=host, port=port, db=db, password=parsed.password)
     try:
         await cache.exists(f"{KEY_PREFIX}:hitpath-probe")
     except Exception as exc:
         await close_redis(cache)
-        return None, f"Redis at {_display(url)} does not answer ({type(exc).__name__}: {exc})"
+        return None, f"Redis at {display_url(url)} does not answer ({type(exc).__name__}: {exc})"
     return cache, ""
 
 
@@ -276,7 +253,7 @@ async def warm(ds: PostgresDataset, dsn: str, cache: RedisCache | None, setup: S
 
 async def run(args: argparse.Namespace) -> tuple[Setup, list[Variant], float]:
     rng = random.Random(20240611)
-    with postgres_server() as (dsn, pg_description):
+    with postgres_server("hitpath") as (dsn, pg_description):
         async with seeded_table(dsn, args.rows) as (table, rows), contextlib.AsyncExitStack() as stack:
             setup = Setup(postgres=pg_description, rows=args.rows)
             by_key = {row["token"]: row for row in rows}
@@ -294,7 +271,7 @@ async def run(args: argparse.Namespace) -> tuple[Setup, list[Variant], float]:
             redis, why_not = await redis_cache(redis_url)
             with_redis: PostgresDataset | None = None
             if redis is not None:
-                setup.redis = _display(redis_url)
+                setup.redis = display_url(redis_url)
                 stack.push_async_callback(close_redis, redis)
                 with_redis = dataset(f"{table}_redis", table, args.rows)
                 stack.push_async_callback(forget_redis_keys, redis, with_redis.name)
@@ -393,7 +370,7 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, variants: Sequ
         ],
         "skipped": setup.skipped,
     }
-    _make_parent(path)
+    make_parent(path)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     print(f"wrote {path}")
@@ -417,23 +394,9 @@ def write_plot(path: str, variants: Sequence[Variant]) -> None:
     ax.set_title("Cache hit cost, same run, same event loop")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    _make_parent(path)
+    make_parent(path)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
-
-def _make_parent(path: str) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-
-
-def _display(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

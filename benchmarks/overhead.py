@@ -48,13 +48,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
-from urllib.parse import urlparse
 
 import asyncpg
+from _common import SetupError, load_average, make_parent, postgres_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -77,10 +76,6 @@ SERVER_CPU, LOAD_CPU = 1, 0  # with --pin
 
 Row = dict[str, Any]
 Lookup = Callable[[Hashable], Awaitable[Row | None]]
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up; the message says what to fix."""
 
 
 # -- the apps uvicorn serves (imported by the server processes as ``overhead:app_a`` etc.) -----
@@ -384,28 +379,6 @@ async def client(base: str, paths: Sequence[str], seconds: float, connections: i
 # -- setup: PostgreSQL and a table ------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, str]]:
-    """(dsn, description): DATABASE_URL if set, else an embedded server that is stopped at the end."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url, f"DATABASE_URL ({_display(url)})"
-        return
-    try:
-        with warnings.catch_warnings():
-            # pgserver asks platformdirs for a runtime dir at import; a missing XDG_RUNTIME_DIR warns.
-            warnings.simplefilter("ignore")
-            from pgserver.postgres_server import get_server
-    except ImportError as exc:
-        raise SetupError("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[embedded]'") from exc
-    with tempfile.TemporaryDirectory(prefix="overhead-pg-") as datadir:
-        server = get_server(datadir, cleanup_mode="stop")
-        try:
-            yield server.get_uri(), "embedded (pgserver)"
-        finally:
-            server.cleanup()
-
-
 async def create_table(dsn: str, rows: int) -> tuple[str, list[str]]:
     """A fresh table of ``rows`` API-key-like rows; returns its name and its tokens."""
     name = f"overhead_bench_{uuid.uuid4().hex[:12]}"
@@ -461,7 +434,7 @@ class Setup:
     rows: int
     generator: str
     uvicorn: str
-    load_average: str = field(default_factory=lambda: _load_average())
+    load_average: str = field(default_factory=lambda: load_average())
 
 
 def generator_name(choice: str) -> str:
@@ -486,7 +459,7 @@ def uvicorn_name() -> str:
 def run(args: argparse.Namespace) -> tuple[Setup, list[Variant]]:
     rng = random.Random(20240611)
     vs = variants(args.control)
-    with postgres_server() as (dsn, pg_description), tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+    with postgres_server("overhead") as (dsn, pg_description), tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         setup = Setup(pg_description, args.rows, generator_name(args.load_generator), uvicorn_name())
         table, tokens = asyncio.run(create_table(dsn, args.rows))
         servers: list[Server] = []
@@ -667,7 +640,7 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, vs: Sequence[V
             for v in vs
         ],
     }
-    _make_parent(path)
+    make_parent(path)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     print(f"wrote {path}")
@@ -690,30 +663,9 @@ def write_plot(path: str, vs: Sequence[Variant]) -> None:
     ax.set_xlabel("requests/s through uvicorn (median; ticks: each round)")
     ax.set_title("Per-request cost of WarmupMiddleware on a cache hit")
     fig.tight_layout()
-    _make_parent(path)
+    make_parent(path)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def _make_parent(path: str) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-
-
-def _display(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -36,16 +35,15 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
+from _common import SetupError, display_url, load_average, make_parent, postgres_server
 from aiocache import RedisCache  # type: ignore[import-untyped]
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
@@ -68,10 +66,6 @@ TARGET = 0.70  # the issue's target: asgi-warmup warms at >= 70% of the baseline
 WARM_TIMEOUT = 600.0
 CHILD_TIMEOUT = 900.0
 POLL = 0.001
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up; the message says what to fix."""
 
 
 @dataclass
@@ -108,7 +102,7 @@ class Setup:
     table_rows: int
     batch_size: int
     seed_seconds: float = 0.0
-    load_average: str = field(default_factory=lambda: _load_average())
+    load_average: str = field(default_factory=lambda: load_average())
     redis: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -251,28 +245,6 @@ def run_child(variant: str, rows: int, table: str, batch_size: int, dsn: str) ->
 # -- setup: PostgreSQL, a table, Redis -------------------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, str]]:
-    """(dsn, description): DATABASE_URL if set, else an embedded server that is stopped at the end."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url, f"DATABASE_URL ({_display(url)})"
-        return
-    try:
-        with warnings.catch_warnings():
-            # pgserver asks platformdirs for a runtime dir at import; a missing XDG_RUNTIME_DIR warns.
-            warnings.simplefilter("ignore")
-            from pgserver.postgres_server import get_server
-    except ImportError as exc:
-        raise SetupError("DATABASE_URL is not set and pgserver is not installed: pip install -e '.[embedded]'") from exc
-    with tempfile.TemporaryDirectory(prefix="warmup-pg-") as datadir:
-        server = get_server(datadir, cleanup_mode="stop")
-        try:
-            yield server.get_uri(), "embedded (pgserver)"
-        finally:
-            server.cleanup()
-
-
 async def create_table(dsn: str, rows: int) -> str:
     """A fresh table of ``rows`` API-key-like rows, ``hits`` falling with the insertion order; returns its name."""
     name = f"warmup_bench_{uuid.uuid4().hex[:12]}"
@@ -347,12 +319,12 @@ async def redis_unavailable(url: str) -> str | None:
         writer.close()
         await writer.wait_closed()
     except (OSError, asyncio.TimeoutError) as exc:
-        return f"no Redis reachable at {_display(url)} ({type(exc).__name__}: {exc}); set REDIS_URL"
+        return f"no Redis reachable at {display_url(url)} ({type(exc).__name__}: {exc}); set REDIS_URL"
     cache = redis_cache(url)
     try:
         await cache.exists(f"{KEY_PREFIX}:warmup-bench-probe")
     except Exception as exc:
-        return f"Redis at {_display(url)} does not answer ({type(exc).__name__}: {exc})"
+        return f"Redis at {display_url(url)} does not answer ({type(exc).__name__}: {exc})"
     finally:
         # aiocache 0.12's close() calls redis-py's deprecated close(): close the client directly.
         await cache.client.aclose()
@@ -380,7 +352,7 @@ async def forget_all_redis_keys(url: str, table: str) -> None:
 
 def run(args: argparse.Namespace) -> tuple[Setup, list[Cell]]:
     redis_url = os.environ.get("REDIS_URL", REDIS_DEFAULT)
-    with postgres_server() as (dsn, pg_description):
+    with postgres_server("warmup") as (dsn, pg_description):
         setup = Setup(postgres=pg_description, table_rows=max(args.rows), batch_size=args.batch_size)
         t0 = time.perf_counter()
         table = asyncio.run(create_table(dsn, setup.table_rows))
@@ -392,7 +364,7 @@ def run(args: argparse.Namespace) -> tuple[Setup, list[Cell]]:
                 setup.skipped[LABELS[WARMUP_REDIS]] = why_not
                 variants.remove(WARMUP_REDIS)
             else:
-                setup.redis = _display(redis_url)
+                setup.redis = display_url(redis_url)
             cells = {(n, v): Cell(n, v) for n in args.rows for v in variants}
             for r in range(args.repeat):
                 for n in args.rows:
@@ -508,7 +480,7 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, cells: Sequenc
         ],
         "skipped": setup.skipped,
     }
-    _make_parent(path)
+    make_parent(path)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     print(f"wrote {path}")
@@ -539,30 +511,9 @@ def write_plot(path: str, args: argparse.Namespace, cells: Sequence[Cell]) -> No
     ax_rss.set_title("Peak memory")
     ax_rate.legend(fontsize="small")
     fig.tight_layout()
-    _make_parent(path)
+    make_parent(path)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def _make_parent(path: str) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-
-
-def _display(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -34,7 +34,8 @@ State = Literal["idle", "pending", "warming", "retrying", "warm", "failed", "dis
 _MAX_INVALIDATION_MARKS = 100_000
 _MIN_CAPACITY = 100_000
 _FIRST_WARM_BATCH = 100
-_BUSY_LAG = 0.002
+_BUSY_LAG = 0.001
+_DUTY = 4
 _MAX_BACKOFF = 0.05
 
 
@@ -389,6 +390,7 @@ class PostgresDataset:
                     # at 100k rows. Paused for one batch (a millisecond or two), then as it was.
                     paused = gc.isenabled()
                     gc.disable()
+                    stored_at = _monotonic()
                     try:
                         writes = self._store_read(
                             ((r[name], dict(r)) for r in records), cost, started, share=shared is not None
@@ -400,7 +402,7 @@ class PostgresDataset:
                         await shared.set_many(self.name, writes, self._backend_ttl())
                     done += len(records)
                     self._status["rows"] = done
-                    await _yield_to_requests()
+                    await _yield_to_requests(_monotonic() - stored_at)
             finally:
                 self._end_read()
         return done
@@ -446,23 +448,20 @@ class PostgresDataset:
         return self._queries
 
 
-async def _yield_to_requests() -> None:
-    """Between warm batches: let requests run, and pause while the event loop is behind.
+async def _yield_to_requests(work: float) -> None:
+    """Between warm batches: let requests run first whenever the server is serving.
 
-    Under load, decoding and storing rows competes with requests for the one event loop. When a
-    turn of the loop takes longer than _BUSY_LAG, requests are queueing: the warmup backs off for
-    as long as the loop was behind (at most _MAX_BACKOFF per batch), so misses, which cost one
-    batched query, stay cheap while the cache fills. An idle server warms at full speed.
+    Decoding and storing a batch holds the one event loop for a few milliseconds. If requests
+    are waiting (a turn of the loop takes over _BUSY_LAG), the warmup pauses a few times as long
+    as the batch's work took (_DUTY), so it uses at most about a fifth of the loop while the
+    server is busy; misses, one batched query each, stay cheap meanwhile. An idle server warms
+    at full speed.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + _MAX_BACKOFF
-    while True:
-        before = loop.time()
-        await asyncio.sleep(0)
-        behind = loop.time() - before
-        if behind < _BUSY_LAG or loop.time() >= deadline:
-            return
-        await asyncio.sleep(behind)
+    before = loop.time()
+    await asyncio.sleep(0)
+    if loop.time() - before >= _BUSY_LAG:
+        await asyncio.sleep(min(work * _DUTY, _MAX_BACKOFF))
 
 
 def _idle() -> DatasetStatus:
