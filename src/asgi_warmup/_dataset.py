@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import math
 import random
 import time
@@ -23,8 +22,6 @@ from ._loader import Loader
 
 if TYPE_CHECKING:
     from ._warmup import Runtime
-
-logger = logging.getLogger("asgi_warmup")
 
 Row = dict[str, Any]
 State = Literal["idle", "pending", "warming", "retrying", "warm", "failed", "disabled"]

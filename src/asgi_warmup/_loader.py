@@ -42,6 +42,7 @@ class Loader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._typical: float | None = None  # moving average of lookup durations, seconds
         self._last_dispatch = float("-inf")
+        self._timer: asyncio.Handle | None = None
 
     def observe(self, seconds: float) -> None:
         """Learn how long a lookup takes (from the pool warm-up at startup, then from every lookup)."""
@@ -70,6 +71,8 @@ class Loader:
             self._futures.pop(key, None)
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -88,9 +91,9 @@ class Loader:
             spacing = min(self._typical / PACE, MAX_SPACING)
             delay = max(delay, self._last_dispatch + spacing - loop.time())
         if delay > 0:
-            loop.call_later(delay, self._dispatch)
+            self._timer = loop.call_later(delay, self._dispatch)
         else:
-            loop.call_soon(self._dispatch)
+            self._timer = loop.call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False
