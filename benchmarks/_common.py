@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from urllib.parse import urlparse
+
+import asyncpg
 
 
 class SetupError(Exception):
@@ -56,3 +59,61 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+async def create_api_key_table(dsn: str, rows: int, prefix: str) -> str:
+    """A fresh table of ``rows`` API-key-like rows, ``hits`` falling with the insertion order; returns its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            f"""
+            CREATE TABLE "{name}" (
+                token text PRIMARY KEY,
+                account_id bigint NOT NULL,
+                hits integer NOT NULL,
+                rpm_limit integer NOT NULL,
+                created_at timestamptz NOT NULL,
+                spend numeric(12, 4) NOT NULL,
+                user_id uuid NOT NULL,
+                metadata jsonb NOT NULL
+            )
+            """
+        )
+        try:
+            await conn.execute(
+                f"""
+                INSERT INTO "{name}"
+                SELECT 'sk-' || md5(i::text),
+                       1 + i % 5000,
+                       {rows} - i,
+                       (ARRAY[60, 600, 6000])[1 + i % 3],
+                       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
+                       round((i % 100000) / 7.0, 4),
+                       md5('user' || i)::uuid,
+                       jsonb_build_object(
+                           'tier', (ARRAY['free', 'pro', 'team'])[1 + i % 3],
+                           'models', jsonb_build_array('gpt-4o', 'claude-sonnet'),
+                           'team_id', 'team-' || i % 500
+                       )
+                FROM generate_series(1, {rows}) AS i;
+                CREATE INDEX ON "{name}" (hits DESC);
+                """
+            )
+            await conn.execute(f'VACUUM ANALYZE "{name}"')
+            # Read every row once, so no variant pays for pulling the table into memory.
+            await conn.fetchval(f'SELECT count(*) FROM (SELECT * FROM "{name}" ORDER BY hits DESC) AS t')
+        except BaseException:
+            await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            raise
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_table(dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+    finally:
+        await conn.close()

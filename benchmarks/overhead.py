@@ -47,13 +47,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import asyncpg
-from _common import SetupError, load_average, make_parent, postgres_server
+from _common import SetupError, create_api_key_table, drop_table, load_average, make_parent, postgres_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -381,48 +380,13 @@ async def client(base: str, paths: Sequence[str], seconds: float, connections: i
 
 async def create_table(dsn: str, rows: int) -> tuple[str, list[str]]:
     """A fresh table of ``rows`` API-key-like rows; returns its name and its tokens."""
-    name = f"overhead_bench_{uuid.uuid4().hex[:12]}"
+    name = await create_api_key_table(dsn, rows, "overhead_bench")
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(
-            f"""
-            CREATE TABLE "{name}" (
-                token text PRIMARY KEY,
-                account_id bigint NOT NULL,
-                hits integer NOT NULL,
-                rpm_limit integer NOT NULL,
-                created_at timestamptz NOT NULL,
-                spend numeric(12, 4) NOT NULL,
-                user_id uuid NOT NULL,
-                metadata jsonb NOT NULL
-            );
-            INSERT INTO "{name}"
-            SELECT 'sk-' || md5(i::text),
-                   1 + i % 5000,
-                   {rows} - i,
-                   (ARRAY[60, 600, 6000])[1 + i % 3],
-                   timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
-                   round((i % 100000) / 7.0, 4),
-                   md5('user' || i)::uuid,
-                   jsonb_build_object('tier', (ARRAY['free', 'pro', 'team'])[1 + i % 3], 'team_id', 'team-' || i % 500)
-            FROM generate_series(1, {rows}) AS i;
-            """
-        )
         tokens = [r["token"] for r in await conn.fetch(f'SELECT token FROM "{name}" ORDER BY token')]
-    except BaseException:
-        await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-        raise
     finally:
         await conn.close()
     return name, tokens
-
-
-async def drop_table(dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
 
 
 # -- the run ---------------------------------------------------------------------------------

@@ -36,14 +36,21 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
-from _common import SetupError, display_url, load_average, make_parent, postgres_server
+from _common import (
+    SetupError,
+    create_api_key_table,
+    display_url,
+    drop_table,
+    load_average,
+    make_parent,
+    postgres_server,
+)
 from aiocache import RedisCache  # type: ignore[import-untyped]
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
@@ -245,64 +252,6 @@ def run_child(variant: str, rows: int, table: str, batch_size: int, dsn: str) ->
 # -- setup: PostgreSQL, a table, Redis -------------------------------------------------------
 
 
-async def create_table(dsn: str, rows: int) -> str:
-    """A fresh table of ``rows`` API-key-like rows, ``hits`` falling with the insertion order; returns its name."""
-    name = f"warmup_bench_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            f"""
-            CREATE TABLE "{name}" (
-                token text PRIMARY KEY,
-                account_id bigint NOT NULL,
-                hits integer NOT NULL,
-                rpm_limit integer NOT NULL,
-                created_at timestamptz NOT NULL,
-                spend numeric(12, 4) NOT NULL,
-                user_id uuid NOT NULL,
-                metadata jsonb NOT NULL
-            )
-            """
-        )
-        try:
-            await conn.execute(
-                f"""
-                INSERT INTO "{name}"
-                SELECT 'sk-' || md5(i::text),
-                       1 + i % 5000,
-                       {rows} - i,
-                       (ARRAY[60, 600, 6000])[1 + i % 3],
-                       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
-                       round((i % 100000) / 7.0, 4),
-                       md5('user' || i)::uuid,
-                       jsonb_build_object(
-                           'tier', (ARRAY['free', 'pro', 'team'])[1 + i % 3],
-                           'models', jsonb_build_array('gpt-4o', 'claude-sonnet'),
-                           'team_id', 'team-' || i % 500
-                       )
-                FROM generate_series(1, {rows}) AS i;
-                CREATE INDEX ON "{name}" (hits DESC);
-                """
-            )
-            await conn.execute(f'VACUUM ANALYZE "{name}"')
-            # Read every row once, so no variant pays for pulling the table into memory.
-            await conn.fetchval(f'SELECT count(*) FROM (SELECT * FROM "{name}" ORDER BY hits DESC) AS t')
-        except BaseException:
-            await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-            raise
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_table(dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
-
-
 def redis_cache(url: str) -> RedisCache:
     parsed = urlparse(url)
     db = int((parsed.path or "/0").lstrip("/") or 0)
@@ -355,7 +304,7 @@ def run(args: argparse.Namespace) -> tuple[Setup, list[Cell]]:
     with postgres_server("warmup") as (dsn, pg_description):
         setup = Setup(postgres=pg_description, table_rows=max(args.rows), batch_size=args.batch_size)
         t0 = time.perf_counter()
-        table = asyncio.run(create_table(dsn, setup.table_rows))
+        table = asyncio.run(create_api_key_table(dsn, setup.table_rows, "warmup_bench"))
         setup.seed_seconds = time.perf_counter() - t0
         variants = list(VARIANTS)
         try:
