@@ -31,6 +31,7 @@ State = Literal["idle", "pending", "warming", "retrying", "warm", "failed", "dis
 _MAX_INVALIDATION_MARKS = 100_000
 _MIN_CAPACITY = 100_000
 _FIRST_WARM_BATCH = 100
+_BUSY_WARM_BATCH = 250
 _BUSY_LAG = 0.001
 _DUTY = 4
 _MAX_BACKOFF = 0.05
@@ -377,7 +378,6 @@ class PostgresDataset:
                 while done < limit:
                     t0 = _monotonic()
                     records = await cursor.fetch(min(batch, limit - done))
-                    batch = self.warm_batch_size
                     if not records:
                         break
                     cost = _monotonic() - t0
@@ -399,7 +399,9 @@ class PostgresDataset:
                         await shared.set_many(self.name, writes, self._backend_ttl())
                     done += len(records)
                     self._status["rows"] = done
-                    await _yield_to_requests(_monotonic() - stored_at)
+                    busy = await _yield_to_requests(_monotonic() - stored_at)
+                    # While requests wait, smaller fetches keep each turn of the loop short.
+                    batch = min(_BUSY_WARM_BATCH, self.warm_batch_size) if busy else self.warm_batch_size
             finally:
                 self._end_read()
         return done
@@ -445,7 +447,7 @@ class PostgresDataset:
         return self._queries
 
 
-async def _yield_to_requests(work: float) -> None:
+async def _yield_to_requests(work: float) -> bool:
     """Between warm batches: let requests run first whenever the server is serving.
 
     Decoding and storing a batch holds the one event loop for a few milliseconds. If requests
@@ -457,8 +459,10 @@ async def _yield_to_requests(work: float) -> None:
     loop = asyncio.get_running_loop()
     before = loop.time()
     await asyncio.sleep(0)
-    if loop.time() - before >= _BUSY_LAG:
-        await asyncio.sleep(min(work * _DUTY, _MAX_BACKOFF))
+    if loop.time() - before < _BUSY_LAG:
+        return False
+    await asyncio.sleep(min(work * _DUTY, _MAX_BACKOFF))
+    return True
 
 
 def _idle() -> DatasetStatus:
