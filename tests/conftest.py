@@ -20,6 +20,16 @@ pytest_plugins = ["anyio"]
 REDIS_DEFAULT = "redis://127.0.0.1:6379"
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    url = os.environ.get("DATABASE_URL")
+    redis = os.environ.get("REDIS_URL", REDIS_DEFAULT)
+    return [
+        f"PostgreSQL: DATABASE_URL={url}" if url else
+        "PostgreSQL: DATABASE_URL is not set: the tests start an embedded PostgreSQL (pgserver) for this run",
+        f"Redis: {redis} (tests needing it are skipped, with the reason, if it is unreachable)",
+    ]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     # asyncpg is asyncio-only.
