@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
@@ -117,3 +119,30 @@ async def drop_table(dsn: str, name: str) -> None:
         await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
     finally:
         await conn.close()
+
+
+def dump_json(path: str, data: object) -> None:
+    make_parent(path)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}")
+
+
+def pyplot(path: str) -> Any:
+    """matplotlib.pyplot on a file-only backend, or None (and a line saying so) without matplotlib."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        print(f"no plot written to {path}: matplotlib is not installed (pip install matplotlib)")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    fig.tight_layout()
+    make_parent(path)
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")

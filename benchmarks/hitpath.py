@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import platform
 import random
@@ -39,7 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import asyncpg
-from _common import SetupError, display_url, make_parent, postgres_server
+from _common import SetupError, display_url, dump_json, postgres_server, pyplot, save_figure
 from aiocache import RedisCache, SimpleMemoryCache  # type: ignore[import-untyped]
 from asgi_lifespan import LifespanManager
 from starlette.types import Receive, Scope, Send
@@ -370,20 +369,12 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, variants: Sequ
         ],
         "skipped": setup.skipped,
     }
-    make_parent(path)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-    print(f"wrote {path}")
+    dump_json(path, data)
 
 
 def write_plot(path: str, variants: Sequence[Variant]) -> None:
-    try:
-        import matplotlib  # type: ignore[import-not-found, unused-ignore]
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        print(f"no plot written to {path}: matplotlib is not installed (pip install matplotlib)")
+    plt = pyplot(path)
+    if plt is None:
         return
     names = [v.name for v in reversed(variants)]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
@@ -393,10 +384,7 @@ def write_plot(path: str, variants: Sequence[Variant]) -> None:
     ax.set_xlabel("ns per get (log scale)")
     ax.set_title("Cache hit cost, same run, same event loop")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

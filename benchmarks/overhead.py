@@ -52,7 +52,16 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import asyncpg
-from _common import SetupError, create_api_key_table, drop_table, load_average, make_parent, postgres_server
+from _common import (
+    SetupError,
+    create_api_key_table,
+    drop_table,
+    dump_json,
+    load_average,
+    postgres_server,
+    pyplot,
+    save_figure,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -604,20 +613,12 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, vs: Sequence[V
             for v in vs
         ],
     }
-    make_parent(path)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-    print(f"wrote {path}")
+    dump_json(path, data)
 
 
 def write_plot(path: str, vs: Sequence[Variant]) -> None:
-    try:
-        import matplotlib  # type: ignore[import-not-found, unused-ignore]
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        print(f"no plot written to {path}: matplotlib is not installed (pip install matplotlib)")
+    plt = pyplot(path)
+    if plt is None:
         return
     names = [v.label for v in reversed(vs)]
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.2))
@@ -626,10 +627,7 @@ def write_plot(path: str, vs: Sequence[Variant]) -> None:
         ax.scatter(v.rps, [v.label] * len(v.rps), color="black", marker="|", s=120, zorder=3)
     ax.set_xlabel("requests/s through uvicorn (median; ticks: each round)")
     ax.set_title("Per-request cost of WarmupMiddleware on a cache hit")
-    fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

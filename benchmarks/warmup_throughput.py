@@ -47,9 +47,11 @@ from _common import (
     create_api_key_table,
     display_url,
     drop_table,
+    dump_json,
     load_average,
-    make_parent,
     postgres_server,
+    pyplot,
+    save_figure,
 )
 from aiocache import RedisCache  # type: ignore[import-untyped]
 from asgi_lifespan import LifespanManager
@@ -429,20 +431,12 @@ def write_json(path: str, args: argparse.Namespace, setup: Setup, cells: Sequenc
         ],
         "skipped": setup.skipped,
     }
-    make_parent(path)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-    print(f"wrote {path}")
+    dump_json(path, data)
 
 
 def write_plot(path: str, args: argparse.Namespace, cells: Sequence[Cell]) -> None:
-    try:
-        import matplotlib  # type: ignore[import-not-found, unused-ignore]
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        print(f"no plot written to {path}: matplotlib is not installed (pip install matplotlib)")
+    plt = pyplot(path)
+    if plt is None:
         return
     variants = [v for v in VARIANTS if any(c.variant == v for c in cells)]
     by_key = {(c.rows, c.variant): c for c in cells}
@@ -459,10 +453,7 @@ def write_plot(path: str, args: argparse.Namespace, cells: Sequence[Cell]) -> No
     ax_rate.set_title("Warmup throughput")
     ax_rss.set_title("Peak memory")
     ax_rate.legend(fontsize="small")
-    fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
